@@ -1,0 +1,22 @@
+"""minicai: Constitutional AI (Bai et al., 2022) from scratch in pure PyTorch.
+
+Public API (imported lazily so `import minicai` stays cheap and works without triton):
+    load_model, load_tokenizer, load_pretrained, save_pretrained, generate
+"""
+import importlib
+
+_API = {
+    "load_model": "minicai.checkpoint",
+    "load_tokenizer": "minicai.tokenizer",
+    "load_pretrained": "minicai.checkpoint",
+    "save_pretrained": "minicai.checkpoint",
+    "generate": "minicai.sampling",
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'minicai' has no attribute {name!r}")

@@ -1,0 +1,263 @@
+"""Byte-level BPE tokenizer on tiktoken, read from a Hugging Face tokenizer.json, and chat templates.
+
+Families: GPT-2, Llama 3, Qwen2/2.5, SmolLM2 (byte-level BPE with a regex pre-tokenizer). tiktoken merges by
+the rank of the merged bytes; HF BPE by the order of its merge list. We rank each token by the position of
+the merge that produces it, which gives the same pieces for these vocabularies (the tests check against the
+tokenizers library), and map ranks back to ids when they differ.
+
+Security: text from users or models never becomes a special token. `encode` treats "<|im_end|>" as plain
+text; `apply_chat_template` lets only the template's own text produce special tokens.
+"""
+import json
+import os
+import re
+import unicodedata
+from functools import lru_cache
+
+import numpy as np
+import tiktoken
+
+# GPT-2's regex (Radford et al., 2019) as the tokenizers library's ByteLevel pre-tokenizer applies it.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits) followed by ByteLevel: every digit alone; a whitespace run also ends before a digit.
+GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Sentinels that mark message content while a chat template renders (Unicode private-use characters).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict:
+    """GPT-2's reversible map from the 256 bytes to printable characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def token_bytes(token: str, path="tokenizer.json") -> bytes:
+    dec = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        return bytes(dec[c] for c in token)
+    except KeyError:
+        raise ValueError(f"{path}: token {token!r} is not in byte-level form (only byte-level BPE is supported)") from None
+
+
+def pattern_from_pre_tokenizer(pre, path) -> str:
+    """The single regex that reproduces the tokenizer.json pre_tokenizer."""
+    def bytelevel(p, use_regex):
+        if p.get("type") != "ByteLevel" or p.get("add_prefix_space", False) or p.get("use_regex", True) != use_regex:
+            return False
+        return True
+
+    if pre is None:
+        raise ValueError(f"{path}: pre_tokenizer is null (only byte-level BPE is supported)")
+    if bytelevel(pre, True):
+        return GPT2_PATTERN
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") and bytelevel(steps[1], True):
+            return GPT2_DIGITS_PATTERN
+        if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and bytelevel(steps[1], False)):
+            return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{path}: unsupported pre_tokenizer {json.dumps(pre)[:200]}")
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: dict, config: dict | None = None, path="tokenizer.json", chat_template=None):
+        self.path = path
+        self.tokenizer_json = tokenizer_json
+        self.config = config or {}
+        model = tokenizer_json.get("model", {})
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: model.type {model.get('type')!r} is not supported (byte-level BPE only)")
+        norm = tokenizer_json.get("normalizer")
+        if norm is not None and norm.get("type") != "NFC":
+            raise ValueError(f"{path}: normalizer {norm.get('type')!r} is not supported (null or NFC)")
+        self.nfc = norm is not None
+        vocab = model["vocab"]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
+
+        specials = {t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
+        # Rank: single bytes first, then each token by the position of the merge that makes it.
+        # Special tokens get no rank: BPE must never produce them from text.
+        rank_of = {}
+        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+            if tok not in specials and len(token_bytes(tok, path)) == 1:
+                rank_of[tok] = len(rank_of)
+        for a, b in merges:
+            if a + b not in vocab:
+                raise ValueError(f"{path}: merge {a!r} {b!r} yields a token missing from the vocab")
+            rank_of.setdefault(a + b, len(rank_of))
+        unreachable = [t for t in vocab if t not in rank_of and t not in specials]
+        for tok in sorted(unreachable, key=vocab.get):
+            rank_of[tok] = len(rank_of)
+        ranks = {token_bytes(t, path): r for t, r in rank_of.items()}
+        n = len(rank_of)
+        self.rank_to_id = np.empty(n, dtype=np.int64)
+        for t, r in rank_of.items():
+            self.rank_to_id[r] = vocab[t]
+        self.identity = bool((self.rank_to_id == np.arange(n)).all())
+        self.id_to_rank = {int(i): r for r, i in enumerate(self.rank_to_id)}
+
+        self.special = {}        # content -> id, for added tokens flagged special
+        self.added_plain = {}    # non-special added tokens, which the tokenizers library also splits out of text
+        for t in tokenizer_json.get("added_tokens", []):
+            if t["content"] in vocab and not t.get("special"):
+                continue
+            (self.special if t.get("special") else self.added_plain)[t["content"]] = t["id"]
+        self.id_to_special = {i: s for s, i in {**self.special, **self.added_plain}.items()}
+        self.vocab_size = max([*vocab.values(), *self.id_to_special]) + 1
+        pattern = pattern_from_pre_tokenizer(tokenizer_json.get("pre_tokenizer"), path)
+        self.enc = tiktoken.Encoding(name=f"minicai:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self._added_re = (re.compile("|".join(re.escape(s) for s in sorted(self.added_plain, key=len, reverse=True)))
+                          if self.added_plain else None)
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)))
+        self.chat_template = chat_template
+
+        def special_id(key):
+            tok = self.config.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            return self.special.get(tok, self.added_plain.get(tok)) if tok else None
+
+        self.bos_token_id = special_id("bos_token")
+        self.eos_token_id = special_id("eos_token")
+        self.pad_token_id = special_id("pad_token")
+
+    # -- encoding ------------------------------------------------------------------------------------
+    def _encode_ordinary(self, text: str) -> list:
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        ranks = self.enc.encode_ordinary(text)
+        return ranks if self.identity else self.rank_to_id[ranks].tolist()
+
+    def encode(self, text: str, add_bos: bool = False) -> list:
+        """Token ids of `text` as plain text: special-token strings inside it stay plain text."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+        if self._added_re is None:
+            return ids + self._encode_ordinary(text)
+        pos = 0
+        for m in self._added_re.finditer(text):
+            ids += self._encode_ordinary(text[pos:m.start()]) + [self.added_plain[m.group()]]
+            pos = m.end()
+        return ids + self._encode_ordinary(text[pos:])
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i in self.id_to_special:
+                out.append(self.enc.decode_bytes(run).decode("utf-8", errors="replace"))
+                run = []
+                if not skip_special_tokens:
+                    out.append(self.id_to_special[i])
+            elif i in self.id_to_rank:
+                run.append(self.id_to_rank[i])
+            else:
+                raise ValueError(f"token id {i} is outside the vocabulary ({self.vocab_size})")
+        out.append(self.enc.decode_bytes(run).decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_str(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    # -- chat ----------------------------------------------------------------------------------------
+    def render_chat(self, messages, add_generation_prompt=True, mark_content=False) -> str:
+        if not self.chat_template:
+            raise ValueError(f"{self.path}: this tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m or not isinstance(m["content"], str):
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and str 'content', got {m!r}")
+            if _OPEN in m["content"] or _CLOSE in m["content"]:
+                raise ValueError(f"messages[{i}] contains a reserved private-use character (U+E000/U+E001)")
+        if mark_content:
+            messages = [{**m, "content": _OPEN + m["content"] + _CLOSE} for m in messages]
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text("bos_token"), eos_token=self._token_text("eos_token"))
+
+    def _token_text(self, key):
+        tok = self.config.get(key)
+        return tok.get("content", "") if isinstance(tok, dict) else (tok or "")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> list:
+        """Ids of the conversation rendered by the checkpoint's own template. Special tokens come only from
+        the template's text; message contents are encoded as plain text."""
+        text = self.render_chat(messages, add_generation_prompt, mark_content=True)
+        ids, buf, in_content = [], [], False
+        for part in re.split(f"([{_OPEN}{_CLOSE}])", text):
+            if part == _OPEN or part == _CLOSE:
+                in_content = part == _OPEN
+                continue
+            if in_content:
+                buf.append(part)
+                continue
+            pos = 0
+            for m in self._special_re.finditer(part) if self.special else ():
+                buf.append(part[pos:m.start()])
+                ids += self.encode("".join(buf)) + [self.special[m.group()]]
+                buf, pos = [], m.end()
+            buf.append(part[pos:])
+        return ids + self.encode("".join(buf))
+
+    # -- saving --------------------------------------------------------------------------------------
+    def save(self, out_dir) -> None:
+        from minicai.io import atomic_write
+
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), json.dumps(self.tokenizer_json, ensure_ascii=False))
+        config = dict(self.config)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Tokenizer of a checkpoint directory (tokenizer.json, tokenizer_config.json, optional chat_template.jinja)."""
+    from minicai.checkpoint import resolve_path
+
+    path = resolve_path(path)
+    tj_path = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tj_path):
+        raise FileNotFoundError(f"{tj_path}: missing (minicai reads byte-level BPE tokenizers from tokenizer.json)")
+    with open(tj_path, encoding="utf-8") as f:
+        try:
+            tj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{tj_path}: malformed JSON ({e})") from None
+    config = {}
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    template = config.pop("chat_template", None)
+    if isinstance(template, list):  # named templates: take "default"
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    return Tokenizer(tj, config, path=tj_path, chat_template=template)
