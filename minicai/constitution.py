@@ -1,0 +1,283 @@
+"""The written constitution and the stage-1 (SL-CAI) prompt builders.
+
+Implements Bai et al. 2022, "Constitutional AI: Harmlessness from AI Feedback":
+  - sec 3.1 critique -> revision: the model sees a conversation, a CritiqueRequest drawn at random
+    from the constitution, writes a Critique, then sees the matching RevisionRequest and writes a
+    revised response; few-shot demonstrations of the whole pattern come first.
+  - sec 4.1 the comparison principles ("Which of these responses ...?") used for AI feedback.
+
+The constitution lives in plain text (constitution.txt at the repo root, format documented at its
+top) so a researcher can edit principles without touching code.
+
+Deliberate deviations from the paper, for small chat models:
+  - The paper concatenates everything into one "Human:/Assistant:" transcript. We use the chat
+    template instead: each demonstration is a user turn (the quoted conversation + CritiqueRequest),
+    an assistant turn (the critique), a user turn (RevisionRequest) and an assistant turn (the
+    revision). The conversation being critiqued is quoted as text inside the user turn, so the model
+    reviews it rather than continuing it.
+  - The model writes the bare critique / revision, not "Critique: ..." / "Revision: ...", so a
+    revision can be used as a training target as is. strip_label removes a label if one slips in.
+  - The RevisionRequest ends with a fixed instruction to reply with the revised response only;
+    small models otherwise tend to add "Here is the revised response:" preambles.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from minicai.io import read_jsonl
+
+DEFAULT_CONSTITUTION = Path(__file__).resolve().parent.parent / "constitution.txt"
+DEFAULT_FEWSHOT = Path(__file__).resolve().parent.parent / "data" / "fewshot_critique_revision.jsonl"
+
+CONVERSATION_INTRO = "Here is a conversation between a user and an AI assistant:"
+REVISION_SUFFIX = "Reply with the revised assistant response only."
+
+
+@dataclass(frozen=True)
+class Principle:
+    """A critique/revision pair (stage 1)."""
+    name: str
+    critique: str
+    revision: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ComparisonPrinciple:
+    """A question asked about two candidate responses (stage 2)."""
+    name: str
+    question: str
+    weight: float = 1.0
+
+
+@dataclass
+class Constitution:
+    critiques: list
+    comparisons: list
+    path: str = "<memory>"
+
+    def sample_critique(self, rng):
+        """One critique principle drawn with probability proportional to its weight."""
+        return _sample(self.critiques, rng, "critique", self.path)
+
+    def sample_comparison(self, rng):
+        """One comparison principle drawn with probability proportional to its weight."""
+        return _sample(self.comparisons, rng, "compare", self.path)
+
+    def get(self, name):
+        for p in self.critiques + self.comparisons:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.path}: no principle named {name!r}")
+
+
+def _sample(items, rng, kind, path):
+    if not items:
+        raise ValueError(f"{path}: has no [{kind} NAME] principles to sample from")
+    # rng is a random.Random: choices() consumes it deterministically, so a seed fixes the draws
+    return rng.choices(items, weights=[p.weight for p in items], k=1)[0]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_HEADER = re.compile(r"^\[\s*(\S+)\s+([A-Za-z0-9_-]+)\s*\]\s*$")
+_KEY = re.compile(r"^([A-Za-z_]+)\s*:(.*)$")
+_KEYS = {"critique": ("critique", "revision"), "compare": ("question",)}  # required keys per kind
+
+
+def load_constitution(path=DEFAULT_CONSTITUTION) -> Constitution:
+    """Parse a constitution file (format: see the comment at the top of constitution.txt).
+    Any malformation raises ValueError naming file:line."""
+    path = str(path)
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
+        lines = f.read().splitlines()
+
+    blocks = []   # dicts: kind, name, line, fields {key: [value, line]}
+    block, last_key = None, None
+    for lineno, raw in enumerate(lines, 1):
+        stripped = raw.strip()
+        where = f"{path}:{lineno}"
+        if not stripped:
+            last_key = None  # a blank line ends a value: an indented line after it is an error
+            continue
+        if stripped.startswith("#"):
+            continue
+        if raw[0] in " \t":  # continuation of the previous value
+            if last_key is None:
+                raise ValueError(f"{where}: indented line continues nothing (a continuation must "
+                                 f"directly follow a 'key: value' line)")
+            block["fields"][last_key][0] += " " + stripped
+            continue
+        if stripped.startswith("["):
+            m = _HEADER.match(stripped)
+            if not m:
+                raise ValueError(f"{where}: malformed header {stripped!r} (expected [critique NAME] "
+                                 f"or [compare NAME], NAME made of letters, digits, '_' or '-')")
+            kind, name = m.groups()
+            if kind not in _KEYS:
+                raise ValueError(f"{where}: unknown section type {kind!r} (expected 'critique' or 'compare')")
+            for b in blocks:
+                if b["name"] == name:
+                    raise ValueError(f"{where}: duplicate principle name {name!r} (first defined at "
+                                     f"line {b['line']})")
+            block = {"kind": kind, "name": name, "line": lineno, "fields": {}}
+            blocks.append(block)
+            last_key = None
+            continue
+        m = _KEY.match(stripped)
+        if not m:
+            raise ValueError(f"{where}: expected a [header], 'key: value' or an indented continuation, "
+                             f"got {stripped!r}")
+        key, value = m.group(1), m.group(2).strip()
+        if block is None:
+            raise ValueError(f"{where}: {key!r} appears before any [critique NAME] / [compare NAME] header")
+        allowed = _KEYS[block["kind"]] + ("weight",)
+        if key not in allowed:
+            raise ValueError(f"{where}: unknown key {key!r} in [{block['kind']} {block['name']}] "
+                             f"(allowed: {', '.join(allowed)})")
+        if key in block["fields"]:
+            raise ValueError(f"{where}: key {key!r} given twice in [{block['kind']} {block['name']}]")
+        block["fields"][key] = [value, lineno]
+        last_key = key
+
+    if not blocks:
+        raise ValueError(f"{path}: no principles found (expected [critique NAME] or [compare NAME] blocks)")
+
+    critiques, comparisons = [], []
+    for b in blocks:
+        fields, title = b["fields"], f"[{b['kind']} {b['name']}]"
+        for key in _KEYS[b["kind"]]:
+            if key not in fields:
+                raise ValueError(f"{path}:{b['line']}: {title} is missing {key!r}")
+            if not fields[key][0]:
+                raise ValueError(f"{path}:{fields[key][1]}: {key!r} of {title} is empty")
+        weight = 1.0
+        if "weight" in fields:
+            text, wline = fields["weight"]
+            try:
+                weight = float(text)
+            except ValueError:
+                raise ValueError(f"{path}:{wline}: weight of {title} must be a number, got {text!r}") from None
+            if not 0 < weight < float("inf"):
+                raise ValueError(f"{path}:{wline}: weight of {title} must be positive and finite, got {text!r}")
+        if b["kind"] == "critique":
+            critiques.append(Principle(b["name"], fields["critique"][0], fields["revision"][0], weight))
+        else:
+            comparisons.append(ComparisonPrinciple(b["name"], fields["question"][0], weight))
+    return Constitution(critiques, comparisons, path)
+
+
+# ----------------------------------------------------------------------------- few-shot data
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One worked critique -> revision example shown to the model before the real one."""
+    messages: list      # the conversation up to the response: [{"role", "content"}], ends with user
+    response: str       # the initial (flawed) assistant response
+    principle: Principle
+    critique: str
+    revision: str
+
+
+def load_fewshot(path=DEFAULT_FEWSHOT, constitution=None) -> list:
+    """Demonstrations from a JSONL file with fields prompt (str) or messages, response, principle
+    (the name of a critique principle in `constitution`), critique, revision. The principle's text is
+    taken from the constitution, so rewording a principle rewords the demonstrations with it."""
+    if constitution is None:
+        constitution = load_constitution()
+    by_name = {p.name: p for p in constitution.critiques}
+    demos = []
+    with open(path, encoding="utf-8") as f:  # line numbers of non-blank rows, for error messages
+        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
+    for row, lineno in zip(read_jsonl(path, required=("response", "principle", "critique", "revision")), linenos):
+        where = f"{path}:{lineno}"
+        try:
+            messages = as_messages(row.get("messages", row.get("prompt")))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for key in ("response", "critique", "revision"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+        if row["principle"] not in by_name:
+            raise ValueError(f"{where}: unknown critique principle {row['principle']!r} "
+                             f"(not in {constitution.path})")
+        demos.append(Demonstration(messages, row["response"], by_name[row["principle"]],
+                                   row["critique"], row["revision"]))
+    return demos
+
+
+# ----------------------------------------------------------------------------- prompt builders
+
+def as_messages(prompt) -> list:
+    """A prompt as a chat message list: a string becomes one user turn; a list must alternate
+    user/assistant (after an optional system turn), start and end with user, with string contents."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("prompt must be a non-empty string or a non-empty list of messages")
+    start = 1 if isinstance(prompt[0], dict) and prompt[0].get("role") == "system" else 0
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"message {i} must be a dict with a non-empty string 'content'")
+        if i >= start:
+            want = "user" if (i - start) % 2 == 0 else "assistant"
+            if m.get("role") != want:
+                raise ValueError(f"message {i} has role {m.get('role')!r}, expected {want!r} "
+                                 f"(turns must alternate user/assistant)")
+    if prompt[-1]["role"] != "user" or len(prompt) == start:
+        raise ValueError("the last message must be a user turn")
+    return prompt
+
+
+def render_conversation(prompt, response) -> str:
+    """The conversation as quoted text: 'User: ...' / 'Assistant: ...' paragraphs."""
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    turns = [f"{names[m['role']]}: {m['content'].strip()}" for m in as_messages(prompt)]
+    turns.append(f"Assistant: {response.strip()}")
+    return "\n\n".join(turns)
+
+
+def _critique_request(prompt, response, principle) -> str:
+    return (f"{CONVERSATION_INTRO}\n\n{render_conversation(prompt, response)}\n\n"
+            f"CritiqueRequest: {principle.critique}")
+
+
+def _revision_request(principle) -> str:
+    return f"RevisionRequest: {principle.revision}\n{REVISION_SUFFIX}"
+
+
+def _demo_turns(fewshot) -> list:
+    turns = []
+    for d in fewshot:
+        turns += [
+            {"role": "user", "content": _critique_request(d.messages, d.response, d.principle)},
+            {"role": "assistant", "content": d.critique.strip()},
+            {"role": "user", "content": _revision_request(d.principle)},
+            {"role": "assistant", "content": d.revision.strip()},
+        ]
+    return turns
+
+
+def critique_messages(prompt_messages, response, principle, fewshot=()) -> list:
+    """Chat messages asking the model to critique `response` to `prompt_messages` under `principle`.
+    Few-shot demonstrations come first as complete prior exchanges; the last message is the user's
+    CritiqueRequest, so the next assistant turn is the critique."""
+    return _demo_turns(fewshot) + [
+        {"role": "user", "content": _critique_request(prompt_messages, response, principle)}]
+
+
+def revision_messages(prompt_messages, response, critique, principle, fewshot=()) -> list:
+    """critique_messages + the model's critique + the RevisionRequest: the next assistant turn is
+    the revised response. Shares its whole prefix with critique_messages (KV-cache friendly)."""
+    return critique_messages(prompt_messages, response, principle, fewshot) + [
+        {"role": "assistant", "content": critique.strip()},
+        {"role": "user", "content": _revision_request(principle)},
+    ]
+
+
+def strip_label(text, label) -> str:
+    """Remove a leading 'Critique:' / 'Revision:' style label (and surrounding space) that a model
+    may echo despite the demonstrations; other text is returned stripped but unchanged."""
+    text = text.strip()
+    m = re.match(rf"^(?:\*\*)?{re.escape(label)}(?:\*\*)?\s*:\s*(?:\*\*)?", text, flags=re.IGNORECASE)
+    return text[m.end():].strip() if m else text
