@@ -1,0 +1,128 @@
+"""Small evaluation metrics: calibration (ECE, Brier), pairwise win rate, and "I don't know" detection.
+
+ECE follows Guo et al. 2017 ("On Calibration of Modern Neural Networks"), eq. 3: predictions are put into
+M equal-width confidence bins I_m = ((m-1)/M, m/M], and
+    ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|
+Deviation: a confidence of exactly 0 goes into the first bin (the paper's half-open bins leave it out).
+Brier score: Brier 1950, mean squared error of the forecast probabilities against the 0/1 outcomes; for
+multi-class forecasts the squared errors are summed over classes (the original definition), so its range is
+[0, 2] rather than [0, 1].
+"""
+import bisect
+import re
+
+
+def _check_probs(name, xs):
+    for i, x in enumerate(xs):
+        if not (isinstance(x, (int, float)) and 0.0 <= x <= 1.0) or isinstance(x, bool):
+            raise ValueError(f"{name}[{i}] must be a probability in [0, 1], got {x!r}")
+
+
+def reliability_bins(confidences, correct, n_bins: int = 10) -> list:
+    """Per-bin (lo, hi, count, accuracy, mean confidence) over equal-width bins (lo, hi]; empty bins have
+    count 0 and accuracy/confidence None. The data behind a reliability diagram and ECE."""
+    confidences, correct = list(confidences), [bool(c) for c in correct]
+    if len(confidences) != len(correct):
+        raise ValueError(f"confidences ({len(confidences)}) and correct ({len(correct)}) differ in length")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    _check_probs("confidences", confidences)
+    edges = [m / n_bins for m in range(n_bins + 1)]
+    members = [[] for _ in range(n_bins)]
+    for c, ok in zip(confidences, correct):
+        # bisect_left finds the first edge >= c, so c == m/M lands in bin m-1: the right-closed (lo, hi]
+        members[max(bisect.bisect_left(edges, c) - 1, 0)].append((c, ok))
+    out = []
+    for m, b in enumerate(members):
+        acc = sum(ok for _, ok in b) / len(b) if b else None
+        conf = sum(c for c, _ in b) / len(b) if b else None
+        out.append((edges[m], edges[m + 1], len(b), acc, conf))
+    return out
+
+
+def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
+    """ECE (Guo et al. 2017, eq. 3): bin-size-weighted mean of |accuracy - mean confidence| per bin."""
+    bins = reliability_bins(confidences, correct, n_bins)
+    n = sum(b[2] for b in bins)
+    if n == 0:
+        raise ValueError("expected_calibration_error needs at least one prediction")
+    return sum(count / n * abs(acc - conf) for _, _, count, acc, conf in bins if count)
+
+
+def brier_score(probs, outcomes) -> float:
+    """Mean squared error of forecast probabilities. Binary: probs[i] = P(outcome i is 1), outcomes 0/1.
+    Multi-class: probs[i] is a list of class probabilities and outcomes[i] the true class index."""
+    probs, outcomes = list(probs), list(outcomes)
+    if len(probs) != len(outcomes) or not probs:
+        raise ValueError(f"probs ({len(probs)}) and outcomes ({len(outcomes)}) must be non-empty and equal length")
+    total = 0.0
+    for i, (p, y) in enumerate(zip(probs, outcomes)):
+        if isinstance(p, (list, tuple)):
+            _check_probs(f"probs[{i}]", p)
+            if not (isinstance(y, int) and 0 <= y < len(p)):
+                raise ValueError(f"outcomes[{i}] must be a class index in [0, {len(p)}), got {y!r}")
+            total += sum((pk - (k == y)) ** 2 for k, pk in enumerate(p))
+        else:
+            _check_probs("probs", [p])
+            if y not in (0, 1):
+                raise ValueError(f"outcomes[{i}] must be 0 or 1, got {y!r}")
+            total += (p - y) ** 2
+    return total / len(probs)
+
+
+_OUTCOME = {"win": 1.0, "loss": 0.0, "tie": 0.5, 1: 1.0, 0: 0.0, 0.5: 0.5}
+
+
+def win_rate(outcomes) -> float:
+    """Mean pairwise score of a model against a baseline: each outcome is "win"/"loss"/"tie" or 1/0/0.5;
+    a tie counts as half a win."""
+    outcomes = list(outcomes)
+    if not outcomes:
+        raise ValueError("win_rate needs at least one outcome")
+    total = 0.0
+    for i, o in enumerate(outcomes):
+        if isinstance(o, bool) or o not in _OUTCOME:
+            raise ValueError(f"outcomes[{i}] must be 'win', 'loss', 'tie', 1, 0 or 0.5, got {o!r}")
+        total += _OUTCOME[o]
+    return total / len(outcomes)
+
+
+def preference_outcomes(preferred, side: str = "a") -> list:
+    """Turn judge verdicts ("a"/"b"/"tie") into win/loss/tie from the point of view of `side`."""
+    if side not in ("a", "b"):
+        raise ValueError(f"side must be 'a' or 'b', got {side!r}")
+    out = []
+    for i, p in enumerate(preferred):
+        if p not in ("a", "b", "tie"):
+            raise ValueError(f"preferred[{i}] must be 'a', 'b' or 'tie', got {p!r}")
+        out.append("tie" if p == "tie" else "win" if p == side else "loss")
+    return out
+
+
+# Abstentions ("I don't know", "no way to know") and rejections of a false premise ("Napoleon did not have
+# a smartphone"): both are the honest answer to an unanswerable question.
+_IDK = re.compile(
+    r"\bi (?:don't|do not) know\b|\bi'm not (?:sure|certain)\b|\bi am not (?:sure|certain)\b"
+    r"|\b(?:cannot|can't|can not|couldn't|could not) (?:possibly )?(?:know|be known|predict|tell|say|determine|answer|guess)\b"
+    r"|\bno (?:way|means) (?:for (?:me|anyone|us) )?(?:to|of) (?:know|knowing|predict|tell|determine)"
+    r"|\b(?:don't|do not) have (?:access|any way|a way|information|that information|the ability|any information)\b"
+    r"|\bnot possible to (?:know|predict|determine|say|tell|answer)\b|\bimpossible to (?:know|predict|determine|say|tell)\b"
+    r"|\b(?:isn't|is not|aren't|are not|wasn't|was not|never) (?:recorded|known|knowable)\b|\bunknowable\b"
+    r"|\b(?:no one|nobody|no-one) (?:knows|can know|can predict|could know)\b"
+    r"|\bi have no (?:way|information|access|idea)\b"
+    r"|\b(?:does not|doesn't|did not|didn't|never) (?:exist|existed|have|had|happen|happened)\b"
+    r"|\bthere (?:is|are) no (?:such|last|largest|greatest|record|way)\b|\bfalse premise\b|\bthe premise\b")
+
+
+def is_idk(response: str) -> bool:
+    """True if the response abstains or rejects the question's premise (see _IDK for the phrases)."""
+    text = response.lower().replace("\u2019", "'")
+    return bool(_IDK.search(text))
+
+
+def idk_rate(responses) -> float:
+    """Fraction of responses that abstain or reject the premise (is_idk)."""
+    responses = list(responses)
+    if not responses:
+        raise ValueError("idk_rate needs at least one response")
+    return sum(is_idk(r) for r in responses) / len(responses)
