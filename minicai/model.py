@@ -3,7 +3,8 @@
 GPT-2 (Radford et al., 2019): learned absolute positions, pre-LayerNorm with biases, GELU (tanh form) MLP.
 Llama (Touvron et al., 2023): RMSNorm, rotary position embeddings (Su et al., 2021, rotate-half layout as in
 Hugging Face checkpoints), SwiGLU MLP (Shazeer, 2020), grouped-query attention (Ainslie et al., 2023).
-Qwen2 adds biases on q/k/v; Mistral is Llama with a sliding window (we reject sequences longer than it).
+Qwen2 adds biases on q/k/v (Llama's optional attention_bias also puts one on the output projection);
+Mistral is Llama with a sliding window (we reject sequences longer than it).
 
 The KV cache is an argument of forward, never state of the module: training, scoring and sampling share
 this one forward. Deliberate deviations from the reference implementations:
@@ -126,7 +127,9 @@ class Attention(nn.Module):
         self.q = nn.Linear(cfg.hidden_size, cfg.n_heads * d, bias=cfg.attention_bias)
         self.k = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
         self.v = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
-        self.o = nn.Linear(cfg.n_heads * d, cfg.hidden_size, bias=cfg.arch == "gpt2")
+        # Llama's attention_bias also puts a bias on o_proj; Qwen2 biases q/k/v only
+        o_bias = cfg.arch == "gpt2" or (cfg.model_type == "llama" and cfg.attention_bias)
+        self.o = nn.Linear(cfg.n_heads * d, cfg.hidden_size, bias=o_bias)
 
     def forward(self, x, rope, key_padding_mask, kv_cache, layer):
         B, T, _ = x.shape

@@ -3,7 +3,13 @@
 Families: GPT-2, Llama 3, Qwen2/2.5, SmolLM2 (byte-level BPE with a regex pre-tokenizer). tiktoken merges by
 the rank of the merged bytes; HF BPE by the order of its merge list. We rank each token by the position of
 the merge that produces it, which gives the same pieces for these vocabularies (the tests check against the
-tokenizers library), and map ranks back to ids when they differ.
+tokenizers library), and map ranks back to ids when they differ. tiktoken also emits a whole pre-token that
+is in its ranks without merging, which is the library's `ignore_merges` (set by Llama 3).
+
+Not modelled: an added token's lstrip/rstrip/single_word/normalized options (the families above leave them
+off); a Split regex that leaves gaps (tiktoken would drop the gap; the supported patterns match everything);
+and merging across a byte that has no token: the library drops such a byte (SmolLM2 lacks a few control
+characters) and may merge its neighbours, we drop it after BPE, so "!\x04!" gives "!", "!" rather than "!!".
 
 Security: text from users or models never becomes a special token. `encode` treats "<|im_end|>" as plain
 text; `apply_chat_template` lets only the template's own text produce special tokens.
@@ -26,6 +32,36 @@ QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 
 # Sentinels that mark message content while a chat template renders (Unicode private-use characters).
 _OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+class _Marked(str):
+    """Message content between the sentinels. Templates commonly test, compare and trim content
+    (`content | trim`, `.strip()`, `if content`): those act on the text inside the sentinels, as they
+    would on the unmarked string."""
+
+    def inner(self) -> str:
+        return str.__str__(self)[1:-1]
+
+    def strip(self, chars=None):
+        return _Marked(_OPEN + self.inner().strip(chars) + _CLOSE)
+
+    def lstrip(self, chars=None):
+        return _Marked(_OPEN + self.inner().lstrip(chars) + _CLOSE)
+
+    def rstrip(self, chars=None):
+        return _Marked(_OPEN + self.inner().rstrip(chars) + _CLOSE)
+
+    def __len__(self):
+        return len(self.inner())
+
+    def __eq__(self, other):
+        return self.inner() == (other.inner() if isinstance(other, _Marked) else other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.inner())
 
 
 @lru_cache(maxsize=1)
@@ -87,34 +123,46 @@ class Tokenizer:
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
 
         specials = {t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
-        # Rank: single bytes first, then each token by the position of the merge that makes it.
-        # Special tokens get no rank: BPE must never produce them from text.
-        rank_of = {}
-        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        # tiktoken merges the adjacent pair whose joined bytes rank lowest: rank single bytes first, then each
+        # token by the position of the first merge that makes it. Special tokens get no rank: BPE must never
+        # produce them from text. tiktoken also emits a whole pre-token found in its ranks without merging,
+        # which is the library's ignore_merges (Llama 3); so tokens no merge reaches are ranked only then.
+        ranks, rank_to_id = {}, []    # bytes -> rank, rank -> id
+
+        def add(tok):
+            b = token_bytes(tok, path)
+            if b not in ranks:
+                ranks[b] = len(rank_to_id)
+                rank_to_id.append(vocab[tok])
+
+        by_id = sorted(vocab, key=vocab.get)
+        for tok in by_id:
             if tok not in specials and len(token_bytes(tok, path)) == 1:
-                rank_of[tok] = len(rank_of)
+                add(tok)
+        # A byte without a token (SmolLM2 has none for a few control characters) is dropped by the library.
+        # tiktoken needs every byte ranked: give it a rank that maps to id -1, removed after encoding.
+        for b in sorted(set(range(256)) - {b[0] for b in ranks if len(b) == 1}):
+            ranks[bytes([b])] = len(rank_to_id)
+            rank_to_id.append(-1)
+        self.drops_bytes = -1 in rank_to_id
         for a, b in merges:
             if a + b not in vocab:
                 raise ValueError(f"{path}: merge {a!r} {b!r} yields a token missing from the vocab")
-            rank_of.setdefault(a + b, len(rank_of))
-        unreachable = [t for t in vocab if t not in rank_of and t not in specials]
-        for tok in sorted(unreachable, key=vocab.get):
-            rank_of[tok] = len(rank_of)
-        ranks = {token_bytes(t, path): r for t, r in rank_of.items()}
-        n = len(rank_of)
-        self.rank_to_id = np.empty(n, dtype=np.int64)
-        for t, r in rank_of.items():
-            self.rank_to_id[r] = vocab[t]
-        self.identity = bool((self.rank_to_id == np.arange(n)).all())
-        self.id_to_rank = {int(i): r for r, i in enumerate(self.rank_to_id)}
+            add(a + b)
+        if model.get("ignore_merges"):
+            for tok in by_id:
+                if tok not in specials:
+                    add(tok)
+        self.rank_to_id = np.array(rank_to_id, dtype=np.int64)
+        self.identity = bool((self.rank_to_id == np.arange(len(rank_to_id))).all())
+        self.id_to_bytes = {i: token_bytes(t, path) for t, i in vocab.items() if t not in specials}  # for decode
 
         self.special = {}        # content -> id, for added tokens flagged special
         self.added_plain = {}    # non-special added tokens, which the tokenizers library also splits out of text
         for t in tokenizer_json.get("added_tokens", []):
-            if t["content"] in vocab and not t.get("special"):
-                continue
             (self.special if t.get("special") else self.added_plain)[t["content"]] = t["id"]
-        self.id_to_special = {i: s for s, i in {**self.special, **self.added_plain}.items()}
+        self.id_to_special = {i: s for s, i in {**self.added_plain, **self.special}.items()}
+        self.special_ids = set(self.special.values())
         self.vocab_size = max([*vocab.values(), *self.id_to_special]) + 1
         pattern = pattern_from_pre_tokenizer(tokenizer_json.get("pre_tokenizer"), path)
         self.enc = tiktoken.Encoding(name=f"minicai:{path}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
@@ -138,7 +186,10 @@ class Tokenizer:
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
         ranks = self.enc.encode_ordinary(text)
-        return ranks if self.identity else self.rank_to_id[ranks].tolist()
+        if self.identity:
+            return ranks
+        ids = self.rank_to_id[ranks].tolist()
+        return [i for i in ids if i >= 0] if self.drops_bytes else ids
 
     def encode(self, text: str, add_bos: bool = False) -> list:
         """Token ids of `text` as plain text: special-token strings inside it stay plain text."""
@@ -154,19 +205,20 @@ class Tokenizer:
         return ids + self._encode_ordinary(text[pos:])
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; invalid UTF-8 (a character cut between tokens) becomes U+FFFD, as in the library."""
         out, run = [], []
         for i in ids:
             i = int(i)
             if i in self.id_to_special:
-                out.append(self.enc.decode_bytes(run).decode("utf-8", errors="replace"))
+                out.append(b"".join(run).decode("utf-8", errors="replace"))
                 run = []
-                if not skip_special_tokens:
+                if not (skip_special_tokens and i in self.special_ids):
                     out.append(self.id_to_special[i])
-            elif i in self.id_to_rank:
-                run.append(self.id_to_rank[i])
+            elif i in self.id_to_bytes:
+                run.append(self.id_to_bytes[i])
             else:
                 raise ValueError(f"token id {i} is outside the vocabulary ({self.vocab_size})")
-        out.append(self.enc.decode_bytes(run).decode("utf-8", errors="replace"))
+        out.append(b"".join(run).decode("utf-8", errors="replace"))
         return "".join(out)
 
     def token_str(self, token_id: int) -> str:
@@ -182,7 +234,7 @@ class Tokenizer:
             if _OPEN in m["content"] or _CLOSE in m["content"]:
                 raise ValueError(f"messages[{i}] contains a reserved private-use character (U+E000/U+E001)")
         if mark_content:
-            messages = [{**m, "content": _OPEN + m["content"] + _CLOSE} for m in messages]
+            messages = [{**m, "content": _Marked(_OPEN + m["content"] + _CLOSE)} for m in messages]
         return _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text("bos_token"), eos_token=self._token_text("eos_token"))
@@ -198,6 +250,9 @@ class Tokenizer:
         ids, buf, in_content = [], [], False
         for part in re.split(f"([{_OPEN}{_CLOSE}])", text):
             if part == _OPEN or part == _CLOSE:
+                if in_content == (part == _OPEN):  # a template that splits or slices content loses track of it
+                    raise ValueError(f"{self.path}: the chat template cuts message content apart; "
+                                     "cannot tell its text from the template's")
                 in_content = part == _OPEN
                 continue
             if in_content:
@@ -209,6 +264,9 @@ class Tokenizer:
                 ids += self.encode("".join(buf)) + [self.special[m.group()]]
                 buf, pos = [], m.end()
             buf.append(part[pos:])
+        if in_content:
+            raise ValueError(f"{self.path}: the chat template cuts message content apart; "
+                             "cannot tell its text from the template's")
         return ids + self.encode("".join(buf))
 
     # -- saving --------------------------------------------------------------------------------------
@@ -252,7 +310,10 @@ def load_tokenizer(path) -> Tokenizer:
     cfg_path = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: malformed JSON ({e})") from None
     template = config.pop("chat_template", None)
     if isinstance(template, list):  # named templates: take "default"
         template = {t["name"]: t["template"] for t in template}.get("default")
