@@ -32,6 +32,7 @@ LLAMA_LAYER_KEYS = {
     "model.layers.{i}.self_attn.v_proj.weight": "blocks.{i}.attn.v.weight",
     "model.layers.{i}.self_attn.v_proj.bias": "blocks.{i}.attn.v.bias",
     "model.layers.{i}.self_attn.o_proj.weight": "blocks.{i}.attn.o.weight",
+    "model.layers.{i}.self_attn.o_proj.bias": "blocks.{i}.attn.o.bias",
     "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.norm2.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "blocks.{i}.mlp.gate.weight",
     "model.layers.{i}.mlp.up_proj.weight": "blocks.{i}.mlp.up.weight",
@@ -207,16 +208,22 @@ def read_config(path) -> ModelConfig:
         raise FileNotFoundError(f"{cfg_path}: missing")
     with open(cfg_path, encoding="utf-8") as f:
         try:
-            return config_from_hf(json.load(f), cfg_path)
+            d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: malformed JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
+    return config_from_hf(d, cfg_path)
 
 
 def weight_files(path) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise ValueError(f"{index}: malformed shard index, expected a weight_map of tensor -> file ({e!r})") from None
         return [os.path.join(path, s) for s in shards]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
@@ -227,15 +234,19 @@ def weight_files(path) -> list:
 
 
 def _dtype(dtype):
+    """torch.bfloat16, "bfloat16" or "torch.bfloat16" -> torch.bfloat16."""
     if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        name = dtype.removeprefix("torch.")
+        if not isinstance(getattr(torch, name, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
-        return getattr(torch, dtype)
+        return getattr(torch, name)
     return dtype
 
 
-def load_state(model: Transformer, files, dtype, device) -> dict:
-    """Read every tensor of `files` into our names, checking it against the model's parameter shapes."""
+def load_state(model: Transformer, files, dtype, device, extra_keys=()) -> dict:
+    """Read every tensor of `files` into our names, checking it against the model's parameter shapes.
+    HF tensors named in `extra_keys` (e.g. a reward model's "score.weight") are returned under their own
+    names, unchecked, for the caller to place."""
     cfg = model.config
     kmap = key_map(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -249,6 +260,9 @@ def load_state(model: Transformer, files, dtype, device) -> dict:
             for hf_name in f.keys():
                 name = hf_name[len("transformer."):] if cfg.arch == "gpt2" and hf_name.startswith("transformer.") else hf_name
                 if name.endswith(IGNORED_SUFFIXES) and name not in kmap:
+                    continue
+                if hf_name in extra_keys:
+                    state[hf_name] = f.get_tensor(hf_name).to(device=device, dtype=dtype).contiguous()
                     continue
                 if name not in kmap:
                     raise ValueError(f"{file}: tensor {hf_name!r} has no place in a {cfg.model_type} model")
@@ -306,7 +320,7 @@ def hf_state_dict(model: Transformer) -> dict:
         names = our if isinstance(our, tuple) else (our,)
         if not all(n in ours for n in names):
             continue
-        t = torch.cat([ours[n] for n in names], dim=0)
+        t = torch.cat([ours[n] for n in names], dim=0) if len(names) > 1 else ours[names[0]]
         if is_conv1d(cfg, hf_name):
             t = t.t()
         out[("transformer." + hf_name) if cfg.arch == "gpt2" and hf_name != "lm_head.weight" else hf_name] = t
@@ -319,7 +333,8 @@ def atomic_dir(out_dir, write) -> None:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp, old = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, old):  # from an earlier process with our pid that was killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
     os.makedirs(tmp)
     try:
         write(tmp)
