@@ -78,8 +78,13 @@ def byte_to_unicode() -> dict:
     return table
 
 
+@lru_cache(maxsize=1)
+def unicode_to_byte() -> dict:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
 def token_bytes(token: str, path="tokenizer.json") -> bytes:
-    dec = {c: b for b, c in byte_to_unicode().items()}
+    dec = unicode_to_byte()
     try:
         return bytes(dec[c] for c in token)
     except KeyError:

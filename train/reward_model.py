@@ -1,0 +1,370 @@
+"""Preference (reward) model of RL-CAI (Bai et al., 2022, sec. 4.1), trained on the AI preference labels.
+
+The model is the policy's transformer trunk with a scalar head (minicai.reward.RewardModel), initialised from
+an LM checkpoint (--model: the SFT output, or "default"); the reward is read at the last real token of
+prompt + response, which is the end-of-turn token (EOS) the chat template closes the response with. Loss:
+the Bradley-Terry negative log-likelihood (minicai.losses.bradley_terry_loss), with d = r(x, y_c) - r(x, y_r):
+
+    hard labels (Ouyang et al., 2022, eq. 1):                 L = -log sigmoid(d - m)
+    --soft-labels p = soft_label (Bai et al., 2022, sec. 4.1): L = -[p log sigmoid(d - m) + (1-p) log sigmoid(-(d - m))]
+
+--margin M sets m = M (2p - 1) per pair (p = the row's soft_label, 1 when absent): Llama 2's margin
+(Touvron et al., 2023, eq. 2) grows with the preference strength; here the strength is the feedback model's
+confidence instead of a human rating. The loss is averaged over every pair of the optimizer step (all
+gradient-accumulation micro-batches together).
+
+Data: JSONL in TRL's preference format (train.label_preferences output): prompt (string or messages),
+chosen and rejected (strings, or one assistant message each), optional soft_label in [0, 1] and
+chosen_finish_reason / rejected_finish_reason. Each side is tokenised as chat_template(prompt) + response +
+EOS, the layout SFT and DPO use (minicai.sft_data.encode_example), except a response cut at the sampler's
+length cap (finish_reason "length"), which gets no EOS - PPO scores such a sample without one too. A row with a missing or wrong-typed field is
+an error naming file:line; pairs with identical or empty responses, or longer than --max-len tokens, are
+skipped and counted.
+
+Held-out split: --eval-frac of the distinct prompts (seeded by --seed), so no prompt is on both sides.
+Accuracy (share of pairs with r_c > r_r; chance 0.5), mean margin r_c - r_r and the chosen / rejected
+reward mean and std are reported on it before and after training, and every --eval-every steps;
+--extra-eval files (e.g. data/eval/judge_labelled.jsonl turned into pairs) are scored before and after too.
+
+Outputs: --out gets the reward model in transformers' *ForSequenceClassification layout
+(minicai.reward.save_reward_model; load it with minicai.reward.load_reward_model), with reward_metrics.json,
+train_log.jsonl, training_args.json and loss.png beside the weights. --run-dir (default OUT.run) holds the
+live log, plot and the training state (minicai.training), saved atomically every --save-every steps;
+--resume continues from it and reproduces the uninterrupted run exactly. A NaN/inf loss or gradient norm
+stops the run (the last saved state stays good).
+
+    python -m train.reward_model --data runs/prefs.jsonl --model runs/sft --out runs/rm --epochs 2
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from minicai import training
+from minicai.checkpoint import resolve_path
+from minicai.constitution import as_messages
+from minicai.io import append_jsonl, atomic_write
+from minicai.losses import bradley_terry_loss
+from minicai.reward import load_reward_model, save_reward_model
+from minicai.rl import completion_text
+from minicai.sft_data import encode_example
+from minicai.tokenizer import load_tokenizer
+from train.sft import check_resume_args, micro_batches
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data", nargs="+", required=True, help="preference JSONL file(s) (train.label_preferences output)")
+parser.add_argument("--model", default="default", help="LM checkpoint to start from (the SFT output; 'default' = SmolLM2-135M-Instruct)")
+parser.add_argument("--out", required=True, help="output directory of the reward model")
+parser.add_argument("--run-dir", default=None, help="training state, live log and plot (default: OUT.run)")
+parser.add_argument("--eval-frac", type=float, default=0.1, help="fraction of the distinct prompts held out for evaluation")
+parser.add_argument("--max-len", type=int, default=1024, help="pairs with a side longer than this many tokens are skipped")
+parser.add_argument("--padding", choices=("right", "left"), default="right", help="padding side of a batch (the reward does not depend on it)")
+parser.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (2x sequences)")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (ignored with --max-steps)")
+parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
+parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+parser.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent in linear warmup")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+parser.add_argument("--margin", type=float, default=0.0, help="M: require r_c - r_r > M (2 soft_label - 1) (0 = no margin)")
+parser.add_argument("--soft-labels", action="store_true", help="train on the rows' soft_label (required field) instead of hard labels")
+parser.add_argument("--extra-eval", nargs="*", default=[], help="preference files scored before and after training, never trained on (e.g. hand-labelled pairs)")
+parser.add_argument("--eval-every", type=int, default=0, help="evaluate on the held-out pairs every N steps (0 = before and after only)")
+parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+parser.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (0 = only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state if it exists")
+parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and head initialisation")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+parser.add_argument("--dtype", default="float32", help="dtype of the trained weights (bf16 autocast is used on CUDA)")
+parser.add_argument("--no-autocast", action="store_true", help="disable bf16 autocast on CUDA")
+parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_pairs(path, soft_labels=False) -> tuple:
+    """Parse one preference file. Returns ([{messages, chosen, rejected, p, chosen_eos, rejected_eos, where}],
+    {"identical": n, "empty": n}). Malformed rows raise ValueError naming file:line."""
+    pairs, skipped = [], {"identical": 0, "empty": 0}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            need = ("prompt", "chosen", "rejected") + (("soft_label",) if soft_labels else ())
+            missing = [k for k in need if k not in row]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {missing}")
+            try:
+                messages = as_messages(row["prompt"])
+            except ValueError as e:
+                raise ValueError(f"{where}: field 'prompt': {e}") from None
+            chosen = completion_text(row["chosen"], f"{where}: field 'chosen'").strip()
+            rejected = completion_text(row["rejected"], f"{where}: field 'rejected'").strip()
+            p = row.get("soft_label", 1.0)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1], got {p!r}")
+            if not chosen or not rejected:
+                skipped["empty"] += 1
+                continue
+            if chosen == rejected:
+                skipped["identical"] += 1
+                continue
+            pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected, "p": float(p), "where": where,
+                          "chosen_eos": row.get("chosen_finish_reason") != "length",
+                          "rejected_eos": row.get("rejected_finish_reason") != "length"})
+    return pairs, skipped
+
+
+def encode_pairs(tokenizer, pairs, max_len) -> tuple:
+    """Token ids of both sides: chat_template(prompt) + response (+ EOS). Skips pairs over max_len."""
+    out, too_long = [], 0
+    for pr in pairs:
+        c = encode_example(tokenizer, pr["messages"], pr["chosen"], pr["chosen_eos"])[0]
+        r = encode_example(tokenizer, pr["messages"], pr["rejected"], pr["rejected_eos"])[0]
+        if max(len(c), len(r)) > max_len:
+            too_long += 1
+            continue
+        out.append({**pr, "chosen_ids": c, "rejected_ids": r, "key": json.dumps(pr["messages"], sort_keys=True)})
+    return out, too_long
+
+
+def split_by_prompt(examples, eval_frac, seed) -> tuple:
+    """(train, held-out): a seeded eval_frac of the distinct prompts goes to the held-out side."""
+    if not 0 <= eval_frac < 1:
+        raise ValueError(f"--eval-frac must be in [0, 1), got {eval_frac}")
+    keys = sorted({e["key"] for e in examples})
+    random.Random(seed).shuffle(keys)
+    n_eval = round(eval_frac * len(keys))
+    if eval_frac > 0 and len(keys) >= 2:
+        n_eval = min(max(1, n_eval), len(keys) - 1)  # at least one pair held out, at least one to train on
+    held = set(keys[:n_eval])
+    return [e for e in examples if e["key"] not in held], [e for e in examples if e["key"] in held]
+
+
+def collate_pairs(examples, pad_id, side="right", device=None) -> tuple:
+    """[2B, T] input_ids and attention_mask: the B chosen sequences, then the B rejected ones."""
+    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, cols] = torch.tensor(s)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pair_rewards(rm, examples, pad_id, side, autocast=nullcontext) -> tuple:
+    """(r_chosen [B], r_rejected [B]) in one forward over both sides."""
+    ids, mask = collate_pairs(examples, pad_id, side, rm.score.weight.device)
+    with autocast():
+        r = rm(ids, mask)                                                     # [2B]
+    return r[:len(examples)], r[len(examples):]
+
+
+def pair_targets(examples, margin, soft_labels, device) -> tuple:
+    """(margin [B] or None, soft labels [B] or None) for bradley_terry_loss."""
+    p = torch.tensor([e["p"] for e in examples], device=device)
+    return (margin * (2 * p - 1) if margin else None), (p if soft_labels else None)
+
+
+@torch.no_grad()
+def evaluate(rm, examples, batch_size, pad_id, side, autocast=nullcontext) -> dict:
+    """Held-out accuracy (r_c > r_r), hard-label BT loss, mean margin, chosen/rejected reward mean and std."""
+    was_training = rm.training
+    rm.eval()
+    rc, rr = [], []
+    for i in range(0, len(examples), batch_size):
+        c, r = pair_rewards(rm, examples[i:i + batch_size], pad_id, side, autocast)
+        rc.append(c.float().cpu()), rr.append(r.float().cpu())
+    rm.train(was_training)
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    loss, _ = bradley_terry_loss(rc, rr)
+    longer = torch.tensor([len(e["chosen_ids"]) > len(e["rejected_ids"]) for e in examples], dtype=torch.float)
+
+    def std(x):
+        return float(x.std()) if len(x) > 1 else 0.0
+
+    return {"n": len(examples), "accuracy": float((rc > rr).float().mean()), "loss": float(loss),
+            "margin": float((rc - rr).mean()), "chosen_mean": float(rc.mean()), "chosen_std": std(rc),
+            "rejected_mean": float(rr.mean()), "rejected_std": std(rr),
+            "longer_is_chosen": float(longer.mean())}  # the accuracy of "prefer the longer response"
+
+
+def load_data(args, tokenizer) -> tuple:
+    pairs, skipped = [], {"identical": 0, "empty": 0}
+    for path in args.data:
+        p, s = read_pairs(path, args.soft_labels)
+        pairs += p
+        skipped = {k: skipped[k] + s[k] for k in skipped}
+    examples, too_long = encode_pairs(tokenizer, pairs, args.max_len)
+    print(f"reward_model: {len(pairs) + sum(skipped.values())} pairs from {len(args.data)} file(s); skipped "
+          f"{skipped['identical']} with identical responses, {skipped['empty']} with an empty response and "
+          f"{too_long} longer than --max-len={args.max_len} tokens")
+    train, held = split_by_prompt(examples, args.eval_frac, args.seed)
+    if not train:
+        raise ValueError("no training pairs left after skipping bad rows and holding out --eval-frac")
+    print(f"reward_model: {len(train)} training pairs, {len(held)} held out "
+          f"({len({e['key'] for e in held})} of {len({e['key'] for e in examples})} prompts)")
+    return train, held
+
+
+def describe(m) -> str:
+    return (f"accuracy {m['accuracy']:.3f} (chance 0.5, n={m['n']}), loss {m['loss']:.4f}, margin {m['margin']:+.3f}, "
+            f"chosen {m['chosen_mean']:+.3f}±{m['chosen_std']:.3f}, rejected {m['rejected_mean']:+.3f}±{m['rejected_std']:.3f}")
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise ValueError("--batch-size and --grad-accum must be >= 1")
+    run_dir = args.run_dir or args.out.rstrip("/") + ".run"
+    state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
+    resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
+    if resuming:
+        check_resume_args(run_dir, args)
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
+
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(resolve_path(args.model))
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{args.model}: the tokenizer has no eos_token (the reward is read at the EOS)")
+    train, held = load_data(args, tokenizer)
+    extra_sets = {}
+    for path in args.extra_eval:
+        extra_sets[path] = encode_pairs(tokenizer, read_pairs(path)[0], args.max_len)[0]
+        if not extra_sets[path]:
+            raise ValueError(f"{path}: no usable pairs for --extra-eval")
+    torch.manual_seed(args.seed)  # the head's initialisation
+    rm = load_reward_model(args.model, dtype=args.dtype, device=device, init_from_lm=True)
+    rm.trunk.gradient_checkpointing = args.gradient_checkpointing
+    rm.train()
+    optimizer = training.make_optimizer(rm, args.lr, args.weight_decay)
+    params = [p for _, p in training.trainable_named_parameters(rm)]
+    use_autocast = device.type == "cuda" and not args.no_autocast
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    per_epoch = math.ceil(math.ceil(len(train) / args.batch_size) / args.grad_accum)
+    total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
+    warmup = int(args.warmup_ratio * total)
+    step, position = 0, {"epoch": 0, "batch": 0}
+    if resuming:
+        meta = training.load_state(state_dir, rm, optimizer)
+        step, position, extra = meta["step"], meta["data_position"], meta["extra"]
+        if extra.get("n_train") != len(train) or extra.get("n_eval") != len(held):
+            raise ValueError(f"{state_dir}: the saved run had {extra.get('n_train')} training / {extra.get('n_eval')} "
+                             f"held-out pairs, the data now gives {len(train)} / {len(held)}: --resume needs the same data")
+        before, extra_before = extra.get("before"), extra.get("extra_before")
+        training.truncate_log(log_path, step)
+        print(f"reward_model: resumed from {state_dir} at step {step}/{total}")
+    else:
+        before = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
+        if before:
+            print(f"reward_model: held-out before training: {describe(before)}")
+            append_jsonl(log_path, {"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
+        extra_before = {p: evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast) for p, ex in extra_sets.items()}
+        for p, m in extra_before.items():
+            print(f"reward_model: {p} before training: {describe(m)}")
+    extra = {"n_train": len(train), "n_eval": len(held), "total_steps": total, "before": before,
+             "extra_before": extra_before}
+
+    batches = micro_batches(len(train), args.batch_size, args.seed, position)
+    bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
+    t0 = time.time()
+    while step < total:
+        lr = training.lr_at(step, lr=args.lr, warmup=warmup, total=total, min_ratio=args.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        micro = []
+        for _ in range(args.grad_accum):
+            idx, position = next(batches)
+            micro.append([train[i] for i in idx])
+        n_pairs = sum(map(len, micro))
+        loss_value = correct = margin_sum = 0.0
+        for mb in micro:
+            rc, rr = pair_rewards(rm, mb, pad_id, args.padding, autocast)
+            margin, soft = pair_targets(mb, args.margin, args.soft_labels, device)
+            loss, metrics = bradley_terry_loss(rc, rr, margin=margin, soft_labels=soft)
+            loss = loss * (len(mb) / n_pairs)  # the step's loss is the mean over all its pairs
+            loss.backward()
+            loss_value += loss.item()
+            correct += float(metrics["accuracy"]) * len(mb)
+            margin_sum += float(metrics["reward_margin"]) * len(mb)
+        training.check_finite(step + 1, loss=loss_value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        training.check_finite(step + 1, grad_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, "loss": loss_value, "accuracy": correct / n_pairs, "margin": margin_sum / n_pairs,
+               "lr": lr, "grad_norm": float(grad_norm), "pairs": n_pairs,
+               "epoch": position["epoch"] + position["batch"] / math.ceil(len(train) / args.batch_size),
+               "elapsed_s": round(time.time() - t0, 3)}
+        if held and args.eval_every and step % args.eval_every == 0 and step < total:
+            row.update({f"eval_{k}": v for k, v in evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast).items()})
+        append_jsonl(log_path, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{row['accuracy']:.2f}")
+        if args.save_every and step % args.save_every == 0 and step < total:
+            training.save_state(state_dir, rm, optimizer, step, position, extra)
+    bar.close()
+
+    training.save_state(state_dir, rm, optimizer, step, position, extra)  # --resume after the end is a no-op
+    rm.eval()
+    after = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
+    rows = training.truncate_log(log_path, step)
+    if after:
+        rows[-1].update({f"eval_{k}": v for k, v in after.items()})
+        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows))
+    training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
+                         title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
+    train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
+    metrics = {"held_out_before": before, "held_out_after": after, "train_after": train_eval, "steps": step,
+               "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
+               "extra_eval": {p: {"before": (extra_before or {}).get(p),
+                                  "after": evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast)}
+                              for p, ex in extra_sets.items()}}
+    save_reward_model(rm, tokenizer, args.out, extra_files={
+        "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
+        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
+    with open(png_path, "rb") as f:
+        atomic_write(os.path.join(args.out, "loss.png"), f.read())
+    print(f"reward_model: {step} steps; training pairs after: {describe(train_eval)}")
+    if after:
+        print(f"reward_model: held-out before: {describe(before)}")
+        print(f"reward_model: held-out after:  {describe(after)}")
+    for p, m in metrics["extra_eval"].items():
+        if m["before"]:
+            print(f"reward_model: {p} before: {describe(m['before'])}")
+        print(f"reward_model: {p} after:  {describe(m['after'])}")
+    print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.reward_model: error: {e}", file=sys.stderr)
+        sys.exit(2)
