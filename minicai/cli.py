@@ -7,6 +7,9 @@ import sys
 COMMANDS = {
     "setup": ("minicai.gguf_import", "convert the default model (SmolLM2-135M-Instruct GGUF) into the cache, once"),
     "convert-gguf": ("minicai.gguf_import", "convert a GGUF file into a Hugging Face-format directory"),
+    "chat": ("minicai.chat", "chat with a model in the terminal (streaming)"),
+    "generate": ("minicai.chat", "sample responses for a JSONL file of prompts (resumable)"),
+    "eval": ("minicai.evaluate", "score checkpoints on harmlessness, over-refusal, jailbreaks, helpfulness, honesty"),
 }
 
 
