@@ -1,0 +1,242 @@
+"""Stage 1 of Constitutional AI (SL-CAI, Bai et al., 2022, sec. 3): supervised fine-tuning on the revisions.
+
+The model is trained on (prompt, final revision) pairs written by train.critique_revise, optionally mixed
+with helpful (prompt, response) data (--mix) so it is not trained on refusals alone. Loss: the usual
+next-token cross-entropy on response tokens only,
+
+    L = -1/|M| sum_{t in M} log p(x_t | x_<t),   M = response tokens + the end-of-turn token,
+
+averaged over every response token of the optimizer step (all gradient-accumulation micro-batches
+together, so a long answer is not down-weighted). Log-probs come from the fused path
+(minicai.logprobs.token_logprobs on the final hidden states and the unembedding): the [tokens, vocab]
+logits are never materialised.
+
+Data rules (minicai.sft_data): malformed JSON or a row with missing / wrong-typed fields is an error naming
+file:line; a row with an empty response, or longer than --max-len tokens, is skipped and counted.
+
+Outputs: --out gets an HF-format checkpoint (LoRA merged), with train_log.jsonl, training_args.json and
+loss.png beside the weights. --run-dir (default OUT.run) holds the live log, plot and the training state,
+saved atomically every --save-every steps; --resume continues from it and reproduces the uninterrupted
+run's losses and weights exactly (same data order, optimizer moments and RNG states).
+
+    python -m train.sft --data runs/revisions.jsonl --out runs/sft --max-steps 40
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from minicai.checkpoint import load_pretrained, save_pretrained
+from minicai.io import append_jsonl, atomic_write
+from minicai.logprobs import token_logprobs
+from minicai.lora import apply_lora, merge_lora
+from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
+from minicai import training
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show every flag's default."""
+
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=HelpFormatter)
+parser.add_argument("--model", default="default", help="checkpoint to fine-tune ('default' = SmolLM2-135M-Instruct)")
+parser.add_argument("--data", nargs="+", required=True,
+                    help="critique_revise output JSONL file(s): trains on (messages/prompt, final)")
+parser.add_argument("--mix", nargs="*", default=[],
+                    help="extra JSONL file(s) of prompt+response, or messages ending in an assistant turn")
+parser.add_argument("--out", required=True, help="output directory of the final HF-format checkpoint")
+parser.add_argument("--run-dir", default=None, help="training state, live log and plot (default: OUT.run)")
+parser.add_argument("--max-len", type=int, default=512, help="examples longer than this many tokens are skipped")
+parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max-steps)")
+parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
+parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5, or 2e-4 with LoRA)")
+parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+parser.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent in linear warmup")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0 = full fine-tuning)")
+parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/r)")
+parser.add_argument("--lora-targets", default="q,k,v,o", help="comma-separated linear layer names to adapt")
+parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+parser.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (0 = only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state if it exists")
+parser.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+parser.add_argument("--dtype", default="float32", help="dtype of the trained (master) weights")
+parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
+                    help="bf16 autocast of the forward: auto = on for CUDA, off on CPU (bf16 also works on CPUs "
+                         "with AVX512-BF16/AMX, about 2x faster there)")
+parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+# Arguments that may change between a run and its --resume; every other one must match.
+RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device"}
+
+
+def batch_loss(model, batch, n_tokens, autocast=nullcontext):
+    """Sum over the batch's labelled tokens of -log p(label), divided by n_tokens (the step's total),
+    via the fused log-prob path. batch: input_ids, attention_mask, labels [B, T]."""
+    with autocast():
+        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # [B,T,H]
+    targets = batch["labels"][:, 1:]                                    # [B, T-1] hidden at t predicts t+1
+    logp, _, _ = token_logprobs(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
+                                with_entropy=False)                     # [B, T-1]
+    return -logp.sum() / n_tokens
+
+
+def micro_batches(n, batch_size, seed, position):
+    """Endless micro-batches of example indices: epoch e is torch.randperm(n) under seed (seed, e), cut into
+    batches. Yields (indices, position after this batch); position = {"epoch", "batch"} resumes exactly."""
+    epoch, b = position["epoch"], position["batch"]
+    per_epoch = math.ceil(n / batch_size)
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        while b < per_epoch:
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            b += 1
+            nxt = {"epoch": epoch, "batch": b} if b < per_epoch else {"epoch": epoch + 1, "batch": 0}
+            yield idx, nxt
+        epoch, b = epoch + 1, 0
+
+
+def load_data(args, tokenizer):
+    rows = []
+    for path in list(args.data) + list(args.mix):
+        rows += read_sft_rows(path)
+    examples, skipped = build_examples(tokenizer, rows, args.max_len)
+    print(f"sft: {len(rows)} rows from {len(args.data) + len(args.mix)} file(s); skipped {skipped['empty']} "
+          f"with an empty response and {skipped['too_long']} longer than --max-len={args.max_len} tokens")
+    if not examples:
+        raise ValueError("no training examples left after skipping empty and over-long rows")
+    return examples
+
+
+def check_resume_args(run_dir, args) -> None:
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    now = vars(args)
+    diff = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"{path}: --resume with different settings would not continue the same run: "
+                         + ", ".join(f"{k}={saved.get(k)!r} -> {now.get(k)!r}" for k in diff))
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise ValueError("--batch-size and --grad-accum must be >= 1")
+    lora = args.lora_rank > 0
+    if args.lr is None:
+        args.lr = 2e-4 if lora else 2e-5
+    run_dir = args.run_dir or args.out.rstrip("/") + ".run"
+    state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
+    resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
+    if resuming:
+        check_resume_args(run_dir, args)
+    else:  # a fresh run: forget any earlier run's state and log in this run dir
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.path.exists(log_path):
+            os.remove(log_path)
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
+
+    torch.manual_seed(args.seed)  # LoRA's A initialisation
+    device = torch.device(args.device)
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
+    examples = load_data(args, tokenizer)
+    if lora:
+        wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
+                             dropout=args.lora_dropout)
+        n_train = sum(p.numel() for _, p in training.trainable_named_parameters(model))
+        print(f"sft: LoRA r={args.lora_rank} alpha={args.lora_alpha} on {len(wrapped)} layers, "
+              f"{n_train:,} trainable parameters")
+    model.gradient_checkpointing = args.gradient_checkpointing
+    model.train()
+    optimizer = training.make_optimizer(model, args.lr, args.weight_decay)
+    params = [p for _, p in training.trainable_named_parameters(model)]
+
+    per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / args.grad_accum)
+    total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
+    warmup = int(args.warmup_ratio * total)
+    step, position = 0, {"epoch": 0, "batch": 0}
+    extra = {"n_examples": len(examples), "total_steps": total}
+    if resuming:
+        meta = training.load_state(state_dir, model, optimizer)
+        step, position = meta["step"], meta["data_position"]
+        if meta["extra"].get("n_examples") != len(examples):
+            raise ValueError(f"{state_dir}: the saved run had {meta['extra'].get('n_examples')} examples, the data "
+                             f"now gives {len(examples)}: --resume needs the same data")
+        training.truncate_log(log_path, step)
+        print(f"sft: resumed from {state_dir} at step {step}/{total}")
+    use_autocast = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    batches = micro_batches(len(examples), args.batch_size, args.seed, position)
+    bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
+    t0 = time.time()
+    while step < total:
+        lr = training.lr_at(step, lr=args.lr, warmup=warmup, total=total, min_ratio=args.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        micro = []
+        for _ in range(args.grad_accum):
+            idx, position = next(batches)
+            micro.append(collate([examples[i] for i in idx], pad_id))
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # the step's loss tokens
+        loss_value = 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            loss = batch_loss(model, b, max(n_tokens, 1), autocast)
+            loss.backward()
+            loss_value += loss.item()
+        training.check_finite(step + 1, loss=loss_value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        training.check_finite(step + 1, grad_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+               "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
+               "elapsed_s": round(time.time() - t0, 3)}
+        append_jsonl(log_path, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if args.save_every and step % args.save_every == 0 and step < total:
+            training.save_state(state_dir, model, optimizer, step, position, extra)
+    bar.close()
+
+    training.save_state(state_dir, model, optimizer, step, position, extra)  # --resume after the end is a no-op
+    rows = training.truncate_log(log_path, step)
+    training.plot_losses(rows, png_path, title=f"SFT loss ({os.path.basename(args.out.rstrip('/'))})")
+    if lora:
+        merge_lora(model)
+    model.eval()
+    log_text = "".join(json.dumps(r) + "\n" for r in rows)
+    save_pretrained(model, tokenizer, args.out,
+                    extra_files={"train_log.jsonl": log_text, "training_args.json": json.dumps(vars(args), indent=2)})
+    with open(png_path, "rb") as f:
+        atomic_write(os.path.join(args.out, "loss.png"), f.read())
+    if rows:
+        print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
+              f"checkpoint in {args.out}, log and plot in {run_dir}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.sft: error: {e}", file=sys.stderr)
+        sys.exit(2)
