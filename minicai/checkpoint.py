@@ -339,7 +339,8 @@ def atomic_dir(out_dir, write) -> None:
     try:
         write(tmp)
         for name in os.listdir(tmp):  # safetensors and mkstemp create 0600 files
-            os.chmod(os.path.join(tmp, name), 0o644)
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.chmod(os.path.join(tmp, name), 0o644)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
