@@ -7,21 +7,36 @@ RLHF/RLAIF and SFT need, per token n, quantities of the softmax over z_n = (W h_
     kl_n      = sum_j p_nj (log p_nj - log q_nj)                      (KL(policy || reference), exact)
 
 Materialising z costs N x V floats (4096 tokens x 49152 vocab = 805 MB in fp32, several times over
-for autograd). Here z is produced one [chunk_N, chunk_V] tile at a time and folded into running
-per-row statistics with the online softmax of Milakov & Gimelshein (2018, "Online normalizer
-calculation for softmax"): running max m, running sum s = sum_j e^{z_j - m}, and running
-sum_j e^{z_j - m} z_j (entropy) and sum_j e^{z_j - m} (z_j - y_j) (KL, y = reference logits),
-each rescaled by e^{m_old - m_new} when the max moves. The backward recomputes every tile
-(about one extra matmul of work) and forms dL/dz tile by tile:
+for autograd). Two paths avoid it.
+
+token_logprobs (general: any later use of the per-token outputs, e.g. PPO ratios, entropy bonus, KL
+penalty). z is produced one [chunk_N, chunk_V] tile at a time and folded into running per-row
+statistics with the online softmax of Milakov & Gimelshein (2018, "Online normalizer calculation for
+softmax"): running max m, running sum s = sum_j e^{z_j - m}, and running sum_j e^{z_j - m} z_j
+(entropy) and sum_j e^{z_j - m} (z_j - y_j) (KL, y = reference logits), each rescaled by
+e^{m_old - m_new} when the max moves. The upstream gradient is unknown until backward, so the
+backward recomputes every tile (one extra matmul: 4 against the naive path's 3) and forms dL/dz
+tile by tile:
 
     d logp / dz_j = onehot_j - p_j
     d H    / dz_j = -p_j (log p_j + H)
     d KL   / dz_j =  p_j ((log p_j - log q_j) - KL)          (q held constant)
 
 then grad_hidden += G W / T and grad_weight += G^T h / T per tile (fp32 accumulators), so peak
-extra memory is O(chunk_N x chunk_V) plus the gradients themselves. Same idea as Liger-Kernel's fused
-linear cross-entropy and Cut Cross-Entropy (Wijmans et al., 2024); kernels/logprobs.py is the
-Triton version and this file is its PyTorch twin (same signature, `use_triton` dispatches).
+extra memory is O(chunk_N x chunk_V) plus the gradients themselves (same idea as Cut Cross-Entropy,
+Wijmans et al., 2024). kernels/logprobs.py is the Triton version and this function is its PyTorch
+twin (same signature, `use_triton` dispatches).
+
+cross_entropy_loss (SFT: the loss is a weighted sum L = -sum_n c_n logp_n with c_n known now, e.g.
+c_n = 1/|M| for the mean over non-ignored tokens). Then dL/dz_n = c_n (p_n - onehot_{t_n}) is known
+in the forward, as soon as a row block's softmax is: per block of chunk_N rows the whole-vocabulary
+logits [chunk_N, V] are formed (one matmul), and grad_hidden (G W) and grad_weight (G^T h) are
+accumulated right away; the backward only multiplies the stored gradients by the scalar upstream
+gradient. 3 matmuls, like the naive path, and memory = the gradients + one [chunk_N, V] block. This is
+the trick of Liger-Kernel's FusedLinearCrossEntropy (Hsu et al., 2024, "Liger Kernel: Efficient Triton
+Kernels for LLM Training"); the code here is our own. Caveat: the gradient work happens in the forward
+whether or not backward is ever called, so it is a training-only path; under torch.no_grad(), or
+when none of hidden / weight / bias requires grad, only the loss is computed.
 
 Deviations / choices:
 - All arithmetic is float32 (bf16/fp16 tiles are upcast); outputs are float32, gradients come back
@@ -30,10 +45,10 @@ Deviations / choices:
   nothing) and return 0 for all three outputs, with zero gradient.
 - KL is clamped at 0: it is non-negative in exact arithmetic and small negatives are rounding.
 - Reference inputs (ref_hidden, ref_weight, ref_bias) are constants: they get no gradient. The
-  reference may have its own hidden size; only V must match.
+  reference may have its own hidden size; only V must match. Per-token loss weights are constants too.
 - Double backward is not supported.
 
-Also here: the sampled-token KL estimators k1/k2/k3 and the SFT loss `cross_entropy_loss`.
+Also here: the sampled-token KL estimators k1/k2/k3.
 """
 import torch
 
@@ -82,8 +97,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, ref_h
 
 
 def _chunks(chunk_size, device):
-    if chunk_size is None:  # CPU: small tiles stay in cache and cost no speed; GPU: fewer Python steps
-        return (4096, 8192) if device.type == "cuda" else (512, 1024)
+    if chunk_size is None:  # big tiles: few Python steps and efficient matmuls (CPU: measured on 2 threads)
+        return (4096, 8192) if device.type == "cuda" else (2048, 8192)
     cn, cv = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
     if int(cn) < 1 or int(cv) < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
@@ -225,14 +240,103 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     return tuple(None if o is None else o.view(lead) for o in outs)
 
 
-def cross_entropy_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, chunk_size=None):
-    """SFT loss: mean over non-ignored tokens of -log p(target), i.e. the usual next-token cross-entropy
-    -1/|M| sum_{n in M} log softmax(W h_n + b)_{t_n}, computed without the [N, V] logits (entropy skipped).
-    Returns a float32 scalar; NaN-free 0 when every token is ignored."""
-    logp, _, _ = token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                chunk_size=chunk_size, with_entropy=False)
-    count = (targets != ignore_index).sum().clamp_min(1)
-    return -logp.sum() / count
+class _FusedCrossEntropy(torch.autograd.Function):
+    """loss = -sum_n c_n log p_n(t_n) with the gradients formed in the forward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, coef, rows, temperature, cn, need_h, need_w, need_b):
+        V, dev = weight.shape[0], hidden.device
+        w = weight.float()  # [V, H] (a view when fp32; one fp32 copy for bf16/fp16 weights)
+        b = None if bias is None else bias.float()
+        grad_h = torch.zeros(hidden.shape, device=dev) if need_h else None  # fp32 accumulators
+        grad_w = torch.zeros(w.shape, device=dev) if need_w else None
+        grad_b = torch.zeros(V, device=dev) if need_b else None
+        loss = torch.zeros((), device=dev)
+        inv_t = 1.0 / temperature
+        buf = torch.empty(min(cn, rows.numel()), V, device=dev)  # one [n, V] block, reused: no page faults
+        for n0 in range(0, rows.numel(), cn):
+            idx = rows[n0:n0 + cn]
+            h, t, c = hidden.index_select(0, idx).float(), targets[idx], coef[n0:n0 + cn]  # [n, H], [n], [n]
+            ar = torch.arange(idx.numel(), device=dev)
+            # z = (h W^T + b) / T, a whole-vocabulary row block: the softmax normaliser must be known
+            # before p - onehot can be formed
+            z = buf[:idx.numel()]  # [n, V]
+            if b is None:
+                torch.mm(h, w.T, out=z).mul_(inv_t)
+            else:
+                torch.addmm(b, h, w.T, beta=inv_t, alpha=inv_t, out=z)
+            zt = z[ar, t]  # [n] target logits
+            m = z.amax(1)  # [n]
+            p = z.sub_(m[:, None]).exp_()  # [n, V] in place: e^{z - m}
+            s = p.sum(1)
+            loss -= (c * (zt - m - s.log())).sum()  # log p(t) = z_t - lse
+            if not (need_h or need_w or need_b):
+                continue
+            # dL/dlogits = c / T * (p - onehot); built in place in the tile
+            g = p.mul_((c * inv_t / s)[:, None])
+            g[ar, t] -= c * inv_t
+            if need_h:
+                grad_h.index_copy_(0, idx, g @ w)  # [n, V] @ [V, H]
+            if need_w:
+                grad_w.addmm_(g.T, h)  # [V, n] @ [n, H]
+            if need_b:
+                grad_b += g.sum(0)
+        # stored in the parameters' dtypes: accumulated in fp32 above, and half the memory for bf16
+        ctx.save_for_backward(*[g.to(x.dtype) if g is not None else None
+                                for g, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))])
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        grads = [None if g is None else (g if bool(g_loss == 1) else g * g_loss.to(g.dtype))
+                 for g in ctx.saved_tensors]  # d(a * loss) = a * d loss: only the scalar is new
+        return *grads, *[None] * 8
+
+
+def cross_entropy_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, temperature=1.0,
+                       reduction="mean", weights=None, chunk_size=None):
+    """SFT loss (next-token cross-entropy) without the [N, V] logits, gradients computed in the forward:
+
+        mean:  L = -1/|M| sum_{n in M} w_n log softmax((W h_n + b) / T)_{t_n}     M = non-ignored tokens
+        sum:   L = -sum_{n in M} w_n log softmax((W h_n + b) / T)_{t_n}
+
+    hidden [..., H], weight [V, H], targets [...] integer (ignore_index = skip), bias [V] or None.
+    weights [...] or None (= 1): per-token weights known now (the "weighted sum" case); they are
+    constants (no gradient). chunk_size: rows per chunk (an int), or a (rows, vocab) pair as for
+    token_logprobs, whose vocab part only the Triton backend uses; the twin always takes whole
+    vocabulary rows. Returns a float32 scalar; 0 (not NaN) with zero gradients when every token is
+    ignored. Under the triton backend this reduces token_logprobs from the Triton kernel instead
+    (recompute in the backward). When grad mode is on and hidden/weight/bias require grad, their
+    gradients are computed here even if backward is never called: a training-only path.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if weights is not None and tuple(weights.shape) != tuple(targets.shape):
+        raise ValueError(f"weights shape {tuple(weights.shape)} must equal targets shape {tuple(targets.shape)}")
+    keep_count = (targets != ignore_index).sum().clamp_min(1)
+    if use_triton(hidden):
+        logp, _, _ = token_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                    temperature=temperature, chunk_size=chunk_size, with_entropy=False)
+        nll = -(logp if weights is None else logp * weights.detach().float()).sum()
+        return nll / keep_count if reduction == "mean" else nll
+    hidden2, targets2, _, _ = check_inputs(hidden, weight, targets, bias, temperature, ignore_index,
+                                           None, None, None)
+    if chunk_size is None:
+        # rows per chunk: a [n, V] fp32 block of about 128 MiB (682 rows at V = 49152); on 2 CPU threads
+        # 512..2048 rows ran at the same speed, 256 was ~10% slower (kernels/bench_logprobs.py)
+        cn = max(1, min(4096, (32 << 20) // weight.shape[0]))
+    else:
+        cn = chunk_size if isinstance(chunk_size, int) else chunk_size[0]
+        if int(cn) < 1:
+            raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    rows = (targets2 != ignore_index).nonzero().squeeze(1)  # [Nv] the tokens that count
+    coef = torch.ones(rows.numel(), device=hidden.device) if weights is None \
+        else weights.detach().reshape(-1).float()[rows]  # [Nv]
+    if reduction == "mean":
+        coef = coef / keep_count
+    on = torch.is_grad_enabled()
+    need = [on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+    return _FusedCrossEntropy.apply(hidden2, weight, bias, targets2, coef, rows, float(temperature), int(cn), *need)
 
 
 # Sampled-token KL estimators. With x ~ p (the policy sampled the token), logp = log p(x) and

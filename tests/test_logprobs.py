@@ -158,21 +158,117 @@ def test_twin_bf16_inputs():
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
 
 
-def test_cross_entropy_loss():
-    N, V, H = 21, 500, 16
+def naive_ce(hidden, weight, targets, bias=None, temperature=1.0, reduction="mean", weights=None, ignore_index=-100):
+    """float64 reference for cross_entropy_loss: full logits, log_softmax, weighted masked sum."""
+    z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    logp = torch.log_softmax(z / temperature, -1)
+    keep = targets != ignore_index
+    lp = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    w = keep.double() * (1.0 if weights is None else weights.double())
+    nll = -(w * lp).sum()
+    return nll / keep.sum().clamp_min(1) if reduction == "mean" else nll
+
+
+def _ce_case(N, V, H, upstream, **kw):
     d = _inputs(N, V, H, ref=False)
     t = torch.randint(0, V, (N,))
-    t[:4] = -100
+    t[[0, 3, N - 1]] = -100
+    t[1] = V - 1
     h, w, b = (d[k].float().requires_grad_() for k in ("hidden", "weight", "bias"))
     hd, wd, bd = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss = cross_entropy_loss(h, w, t, bias=b, chunk_size=(8, 128))
-    exp = torch.nn.functional.cross_entropy(hd @ wd.T + bd, t, ignore_index=-100)
+    loss = cross_entropy_loss(h, w, t, bias=b, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    exp = naive_ce(hd, wd, t, bd, **ref_kw)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    _close(loss, exp, scale=abs(exp.item()))
+    (loss * upstream).backward()  # the stored gradients must be scaled by the upstream gradient
+    (exp * upstream).backward()
+    for a, e in ((h, hd), (w, wd), (b, bd)):
+        _close(a.grad, e.grad, e.grad.abs().max().item())
+    assert (h.grad[[0, 3, N - 1]] == 0).all()  # ignored tokens: no gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cross_entropy_loss(reduction, temperature):
+    # odd N and V; 8-row chunks divide neither N nor the kept rows
+    _ce_case(37, 1271, 24, upstream=1.0, reduction=reduction, temperature=temperature, chunk_size=8)
+    _ce_case(37, 1271, 24, upstream=-2.5, reduction=reduction, temperature=temperature, chunk_size=(16, 300))
+
+
+def test_cross_entropy_loss_weights_and_default_chunks():
+    N, V = 29, 503
+    w_tok = torch.rand(N, dtype=torch.float64)
+    _ce_case(N, V, 16, upstream=0.3, reduction="sum", weights=w_tok)  # chunk_size=None: one block
+    _ce_case(N, V, 16, upstream=1.0, reduction="mean", weights=w_tok.float(), chunk_size=5)
+
+
+def test_cross_entropy_loss_all_ignored_and_no_grad():
+    N, V, H = 11, 97, 8
+    h, w, b = torch.randn(N, H).requires_grad_(), torch.randn(V, H).requires_grad_(), torch.randn(V).requires_grad_()
+    for reduction in ("mean", "sum"):
+        h.grad = w.grad = b.grad = None
+        loss = cross_entropy_loss(h, w, torch.full((N,), -100), bias=b, reduction=reduction)
+        assert loss.item() == 0.0  # 0, not NaN
+        loss.backward()
+        assert all(x.grad is not None and (x.grad == 0).all() for x in (h, w, b))
+    t = torch.randint(0, V, (N,))
+    exp = naive_ce(h.detach(), w.detach(), t, b.detach())
+    with torch.no_grad():  # loss only: no gradient work, no graph
+        loss = cross_entropy_loss(h, w, t, bias=b)
+    assert loss.grad_fn is None
+    _close(loss, exp)
+    loss = cross_entropy_loss(h.detach(), w.detach(), t, bias=b.detach())  # nothing requires grad
+    assert loss.grad_fn is None
+    _close(loss, exp)
+    hh = h.detach().requires_grad_()  # only hidden requires grad: only its gradient
+    cross_entropy_loss(hh, w.detach(), t).backward()
+    hd = h.detach().double().requires_grad_()
+    naive_ce(hd, w.detach(), t).backward()
+    _close(hh.grad, hd.grad, hd.grad.abs().max().item())
+
+
+def test_cross_entropy_loss_leading_dims_bf16_and_errors():
+    B, T, V, H = 2, 5, 300, 16
+    h = torch.randn(B, T, H).bfloat16().requires_grad_()
+    w = (torch.randn(V, H) * 0.3).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (B, T))
+    t[0, :2] = -100
+    loss = cross_entropy_loss(h, w, t, chunk_size=3)
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exp = naive_ce(hd, wd, t)  # float64 of the same bf16 values
     _close(loss, exp)
     loss.backward()
     exp.backward()
-    for a, e in ((h, hd), (w, wd), (b, bd)):
-        _close(a.grad, e.grad, e.grad.abs().max().item())
-    assert cross_entropy_loss(h, w, torch.full((N,), -100)).item() == 0.0  # all ignored: 0, not NaN
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16 and h.grad.shape == (B, T, H)
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=2e-2, atol=2e-2 * hd.grad.abs().max().item())
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy_loss(h, w, t, reduction="none")
+    with pytest.raises(ValueError, match="weights shape"):
+        cross_entropy_loss(h, w, t, weights=torch.ones(B * T))
+    with pytest.raises(ValueError, match="targets"):
+        cross_entropy_loss(h, w, torch.full((B, T), V))
+
+
+def test_cross_entropy_loss_triton_backend():
+    pytest.importorskip("triton")
+    N, V, H = 13, 211, 32
+    d = _inputs(N, V, H, ref=False)
+    t = torch.randint(0, V, (N,))
+    t[2] = -100
+    h, w = d["hidden"].float().requires_grad_(), d["weight"].float().requires_grad_()
+    before = backend.get_backend()
+    backend.set_backend("triton")
+    try:
+        loss = cross_entropy_loss(h, w, t, temperature=0.7, reduction="sum", chunk_size=(16, 64))
+    finally:
+        backend.set_backend(before)
+    hd, wd = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
+    exp = naive_ce(hd, wd, t, temperature=0.7, reduction="sum")
+    _close(loss, exp, scale=abs(exp.item()))
+    loss.backward()
+    exp.backward()
+    _close(w.grad, wd.grad, wd.grad.abs().max().item())
 
 
 def test_kl_estimators_hand_values():

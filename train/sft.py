@@ -8,8 +8,8 @@ next-token cross-entropy on response tokens only,
 
 averaged over every response token of the optimizer step (all gradient-accumulation micro-batches
 together, so a long answer is not down-weighted). Log-probs come from the fused path
-(minicai.logprobs.token_logprobs on the final hidden states and the unembedding): the [tokens, vocab]
-logits are never materialised.
+(minicai.logprobs.cross_entropy_loss on the final hidden states and the unembedding, which forms the
+gradients chunk by chunk during the forward): the [tokens, vocab] logits are never materialised.
 
 Data rules (minicai.sft_data): malformed JSON or a row with missing / wrong-typed fields is an error naming
 file:line; a row with an empty response, or longer than --max-len tokens, is skipped and counted.
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from minicai.checkpoint import load_pretrained, save_pretrained
 from minicai.io import append_jsonl, atomic_write
-from minicai.logprobs import token_logprobs
+from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
 from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
 from minicai import training
@@ -88,9 +88,8 @@ def batch_loss(model, batch, n_tokens, autocast=nullcontext):
     with autocast():
         hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # [B,T,H]
     targets = batch["labels"][:, 1:]                                    # [B, T-1] hidden at t predicts t+1
-    logp, _, _ = token_logprobs(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
-                                with_entropy=False)                     # [B, T-1]
-    return -logp.sum() / n_tokens
+    return cross_entropy_loss(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
+                              reduction="sum") / n_tokens
 
 
 def micro_batches(n, batch_size, seed, position):
