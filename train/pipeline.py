@@ -1,0 +1,426 @@
+"""The whole Constitutional AI pipeline in one command, resumable, with a report of what each stage changed.
+
+    base --(critique -> revision)--> SL-CAI data --(SFT)--> SL-CAI model
+         --(two samples, AI feedback)--> preference labels --(Bradley-Terry)--> reward model
+         --(PPO with KL penalty to SL-CAI)--> RL-CAI (PPO);   preference labels --(DPO)--> RL-CAI (DPO)
+         --> evaluation of base, SL-CAI, RL-CAI (PPO), RL-CAI (DPO) side by side --> report.md
+
+Each stage writes to its own folder under --out and reads only earlier stages' outputs. A stage whose folder
+holds DONE.json is skipped on rerun; an interrupted stage resumes (row-level for generation stages, from the
+last saved training state for trainers). The resolved config is saved as config.json; changing a field that
+a finished stage depends on needs a fresh --out (the saved config is compared and a mismatch is an error).
+
+The red-team loop (--redteam-rounds N, Bai et al. sec. 3 and Perez et al. 2022): after evaluation, the
+harmful prompts the newest model still complied with, plus new adversarial prompts a model writes by
+rephrasing them and wrapping them in the jailbreak techniques, feed another round of critique -> revision and
+SFT (from the newest SL-CAI model); every round is evaluated and reported.
+
+    python -m train.pipeline --preset cpu-demo
+    python -m train.pipeline --preset gpu --model path/to/llama --out runs/llama
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minicai.io import atomic_write, read_jsonl
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/cai"                   # every stage's folder goes under here
+    model: str = "default"                  # the base policy ("default" = SmolLM2-135M-Instruct)
+    feedback_model: str = ""                # critic / labeller / judge; "" = the policy of each stage
+    seed: int = 0                           # one seed for every stage
+    device: str = "auto"                    # "auto" = cuda if available, else cpu
+    dtype: str = "auto"                     # generation / scoring dtype; "auto" = bfloat16 on cuda, float32 on cpu
+    backend: str = "torch"                  # "torch" twins or "triton" kernels (attention + log-probs, CUDA)
+    red_team_prompts: str = "data/red_team_prompts.jsonl"  # stage-1 and PPO prompts (harmful, jailbreaks)
+    helpful_prompts: str = "data/helpful_prompts.jsonl"    # helpful data mixed into SFT, labelling and PPO
+    batch_size: int = 8                     # generation batch of every stage
+    cr_prompts: int = 32                    # red-team prompts through critique -> revision
+    cr_rounds: int = 2                      # critique -> revision rounds per prompt
+    cr_fewshot: int = 1                     # few-shot demonstrations before each critique
+    cr_max_new_tokens: int = 96             # cap on each response / critique / revision
+    helpful_mix: int = 16                   # helpful prompts answered by the base model and mixed into SFT
+    sft_steps: int = 24                     # SFT optimizer steps
+    sft_batch_size: int = 4                 # SFT examples per step
+    sft_lr: float = 2e-5                    # SFT peak learning rate
+    label_prompts: int = 32                 # prompts labelled by AI feedback (half red-team, half helpful)
+    label_max_new_tokens: int = 64          # length of each of the two sampled responses
+    rm_steps: int = 24                      # reward-model optimizer steps
+    rm_lr: float = 2e-5                     # reward-model peak learning rate
+    ppo_steps: int = 10                     # PPO steps (one rollout batch + update each)
+    ppo_batch_size: int = 8                 # rollouts per PPO step
+    ppo_max_new_tokens: int = 48            # PPO response length cap
+    ppo_lr: float = 3e-6                    # PPO policy learning rate
+    ppo_kl_coef: float = 0.05               # KL penalty beta (initial value if ppo_kl_target is set)
+    ppo_kl_target: float = 0.0              # adaptive KL target in nats; 0 = fixed beta
+    dpo_source: str = "ai"                  # DPO pairs: "ai" (AI feedback labels) or "revisions" (revision > initial)
+    dpo_epochs: int = 1                     # passes over the DPO pairs
+    dpo_lr: float = 1e-6                    # DPO learning rate
+    dpo_beta: float = 0.1                   # DPO beta
+    eval_limit: int = 12                    # prompts per evaluation set (0 = all)
+    eval_max_new_tokens: int = 64           # evaluation response length
+    eval_jailbreak_n: int = 4               # harmful prompts per jailbreak technique in the evaluation
+    redteam_rounds: int = 0                 # extra red-team -> critique/revise -> SFT -> eval rounds
+    redteam_new_prompts: int = 8            # new adversarial prompts a model writes per round
+
+
+PRESETS = {
+    # The default model on a 2-core CPU in about 20 minutes.
+    "cpu-demo": {},
+    # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
+    "gpu": dict(batch_size=32, cr_prompts=0, cr_rounds=2, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
+                sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
+                ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
+                eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, redteam_rounds=1,
+                redteam_new_prompts=32, backend="triton"),
+    # Minutes on a tiny model: the tests use it.
+    "tiny": dict(batch_size=4, cr_prompts=3, cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
+                 sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
+                 ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
+                 redteam_new_prompts=2),
+}
+
+CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "backend": ("torch", "triton"), "dpo_source": ("ai", "revisions")}
+
+
+def field_help() -> dict:
+    """Each field's comment in PipelineConfig, as its --help text."""
+    src = inspect.getsource(PipelineConfig)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]+#\s*(.+)$", src, flags=re.M))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="starting values of every field")
+    p.add_argument("--only", default=None, help="run the stages up to and including this one, then stop")
+    helps = field_help()
+    for f in dataclasses.fields(PipelineConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
+                       choices=CHOICES.get(f.name), help=f"{helps.get(f.name, '')} (default {f.default!r})")
+    return p
+
+
+def resolve_config(argv=None) -> tuple:
+    args = build_parser().parse_args(argv)
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items()
+                                          if k in PipelineConfig.__dataclass_fields__ and v is not None}}
+    cfg = PipelineConfig(**values)
+    validate(cfg)
+    return cfg, args
+
+
+def validate(cfg: PipelineConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in CHOICES and v not in CHOICES[f.name]:
+            raise ValueError(f"config {f.name}={v!r}: expected one of {CHOICES[f.name]}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"config {f.name}={v!r}: must be >= 0")
+    for name in ("batch_size", "cr_rounds", "cr_max_new_tokens", "sft_steps", "sft_batch_size", "label_max_new_tokens",
+                 "rm_steps", "ppo_steps", "ppo_batch_size", "ppo_max_new_tokens", "dpo_epochs", "eval_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"config {name}={getattr(cfg, name)!r}: must be >= 1")
+    for name in ("red_team_prompts", "helpful_prompts"):
+        if not os.path.exists(getattr(cfg, name)):
+            raise ValueError(f"config {name}: {getattr(cfg, name)} does not exist")
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+
+class Stages:
+    """Runs named stages under cfg.out; skips finished ones; records their wall time."""
+
+    def __init__(self, cfg: PipelineConfig, only=None):
+        self.cfg, self.only, self.timings, self.stopped = cfg, only, {}, False
+        self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
+
+    def dir(self, name) -> str:
+        return os.path.join(self.cfg.out, name)
+
+    def run(self, name, fn):
+        """fn(stage_dir) -> dict of outputs. Returns the outputs (from DONE.json when already finished)."""
+        if self.stopped:
+            return None
+        d, done = self.dir(name), os.path.join(self.dir(name), "DONE.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                record = json.load(f)
+            print(f"[pipeline] {name}: done already ({record['seconds']:.0f}s), skipped")
+        else:
+            os.makedirs(d, exist_ok=True)
+            print(f"[pipeline] {name}: running")
+            t0 = time.time()
+            record = {"outputs": fn(d) or {}, "seconds": time.time() - t0}
+            atomic_write(done, json.dumps(record, indent=2))
+            print(f"[pipeline] {name}: finished in {record['seconds']:.0f}s")
+        self.timings[name] = record["seconds"]
+        if self.only == name:
+            self.stopped = True
+        return record["outputs"]
+
+    def common(self, *flags) -> list:
+        return ["--seed", str(self.cfg.seed), "--device", self.device, "--dtype", self.dtype, *flags]
+
+
+def write_prompt_subset(src, n, out) -> str:
+    """The first n rows of src (all when n == 0), as a file the stage scripts read."""
+    rows = read_jsonl(src)
+    rows = rows[:n] if n else rows
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out
+
+
+def stage_critique_revise(st, d, model, prompts_file):
+    from train import critique_revise
+
+    c = st.cfg
+    out = os.path.join(d, "revisions.jsonl")
+    critique_revise.main(st.common("--model", model, "--prompts", prompts_file, "--out", out,
+                                   "--rounds", str(c.cr_rounds), "--n-fewshot", str(c.cr_fewshot),
+                                   "--max-new-tokens", str(c.cr_max_new_tokens), "--batch-size", str(c.batch_size),
+                                   *(["--critic-model", c.feedback_model] if c.feedback_model else [])))
+    return {"revisions": out}
+
+
+def stage_helpful(st, d):
+    """Helpful (prompt, response) pairs from the base model, mixed into SFT so it does not learn refusal alone."""
+    from minicai.cli import main as minicai_cli
+
+    c = st.cfg
+    src = write_prompt_subset(c.helpful_prompts, c.helpful_mix, os.path.join(d, "prompts.jsonl"))
+    out = os.path.join(d, "responses.jsonl")
+    rc = minicai_cli(["generate", "--model", c.model, "--prompts", src, "--out", out, "--batch-size", str(c.batch_size),
+                      "--max-new-tokens", str(c.cr_max_new_tokens), "--seed", str(c.seed), "--device", st.device,
+                      "--dtype", st.dtype])
+    if rc:
+        raise RuntimeError(f"minicai generate failed on {src}")
+    return {"responses": out}
+
+
+def stage_sft(st, d, model, data, mix):
+    from train import sft
+
+    c = st.cfg
+    out = os.path.join(d, "model")
+    sft.main(["--model", model, "--data", data, *(["--mix", mix] if mix else []), "--out", out,
+              "--run-dir", os.path.join(d, "run"), "--max-steps", str(c.sft_steps), "--batch-size", str(c.sft_batch_size),
+              "--lr", str(c.sft_lr), "--resume", "--seed", str(c.seed), "--device", st.device])
+    return {"model": out, "loss_png": os.path.join(out, "loss.png"), "log": os.path.join(out, "train_log.jsonl")}
+
+
+def stage_label(st, d, policy):
+    from train import label_preferences
+
+    c = st.cfg
+    half = max(1, c.label_prompts // 2) if c.label_prompts else 0
+    red = write_prompt_subset(c.red_team_prompts, half, os.path.join(d, "red_team.jsonl"))
+    helpful = write_prompt_subset(c.helpful_prompts, half, os.path.join(d, "helpful.jsonl"))
+    out = os.path.join(d, "prefs.jsonl")
+    label_preferences.main(st.common("--model", policy, "--prompts", red, helpful, "--out", out,
+                                     "--max-new-tokens", str(c.label_max_new_tokens), "--batch-size", str(c.batch_size),
+                                     *(["--feedback-model", c.feedback_model] if c.feedback_model else [])))
+    return {"prefs": out, "agreement": os.path.splitext(out)[0] + ".agreement.json"}
+
+
+def stage_revision_pairs(st, d, revisions):
+    from train import label_preferences
+
+    out = os.path.join(d, "prefs.jsonl")
+    label_preferences.main(["--from-revisions", revisions, "--out", out])
+    return {"prefs": out}
+
+
+def stage_reward_model(st, d, policy, prefs):
+    from train import reward_model
+
+    c = st.cfg
+    out = os.path.join(d, "model")
+    reward_model.main(["--model", policy, "--data", prefs, "--out", out, "--run-dir", os.path.join(d, "run"),
+                       "--max-steps", str(c.rm_steps), "--lr", str(c.rm_lr), "--resume", "--seed", str(c.seed),
+                       "--device", st.device])
+    return {"model": out}
+
+
+def stage_ppo(st, d, policy, rm):
+    from train import ppo
+
+    c = st.cfg
+    ppo.main(["--model", policy, "--reward-model", rm, "--prompts", c.red_team_prompts, c.helpful_prompts, "--out", d,
+              "--steps", str(c.ppo_steps), "--batch-size", str(c.ppo_batch_size),
+              "--minibatch-size", str(max(1, c.ppo_batch_size // 2)), "--max-new-tokens", str(c.ppo_max_new_tokens),
+              "--lr", str(c.ppo_lr), "--kl-coef", str(c.ppo_kl_coef),
+              *(["--kl-target", str(c.ppo_kl_target)] if c.ppo_kl_target else []),
+              "--resume", "--seed", str(c.seed), "--device", st.device])
+    return {"model": os.path.join(d, "final")}
+
+
+def stage_dpo(st, d, policy, prefs):
+    from train import dpo
+
+    c = st.cfg
+    dpo.main(["--model", policy, "--data", prefs, "--out", d, "--epochs", str(c.dpo_epochs), "--lr", str(c.dpo_lr),
+              "--beta", str(c.dpo_beta), "--use-soft-labels", "--resume", "--seed", str(c.seed), "--device", st.device])
+    return {"model": os.path.join(d, "final")}
+
+
+def stage_eval(st, d, models: dict):
+    from minicai.evaluate import evaluate
+
+    c = st.cfg
+    evaluate(list(models.values()), judge=c.feedback_model or None, out_dir=d, baseline=list(models.values())[0],
+             limit=c.eval_limit or None, max_new_tokens=c.eval_max_new_tokens, batch_size=c.batch_size,
+             jailbreak_n=c.eval_jailbreak_n, seed=c.seed, device=st.device, dtype=st.dtype)
+    return {"results": os.path.join(d, "results.json"), "summary": os.path.join(d, "summary.md"), "names": models}
+
+
+# -- the red-team loop ---------------------------------------------------------------------------------------
+
+def stage_redteam_prompts(st, d, model, eval_results, round_no):
+    """Harmful prompts the model still complied with + new ones a model writes from them, jailbreak-wrapped."""
+    from minicai import generate, load_pretrained
+    from minicai.jailbreaks import TECHNIQUES, wrap
+
+    c = st.cfg
+    with open(eval_results) as f:
+        results = json.load(f)
+    records = results["records"][str(model)]["prompts"]
+    complied = [r for r in records if r["category"] == "harmful" and r.get("technique") in (None, "direct")
+                and not r["verdicts"]["refusal"]]  # plain requests the model went along with
+    seeds = [r["messages"][-1]["content"] for r in complied]
+    if not seeds:  # nothing slipped through: attack with the training set's direct requests instead
+        seeds = [r["prompt"] for r in read_jsonl(c.red_team_prompts) if r.get("technique") == "direct" and "prompt" in r]
+    rng = random.Random(f"{c.seed}:redteam:{round_no}")
+    rows = [{"id": f"r{round_no}-kept-{i}", "messages": [{"role": "user", "content": s}], "category": "harmful",
+             "technique": "direct"} for i, s in enumerate(seeds)]
+    policy, tok = load_pretrained(c.feedback_model or model, dtype=st.dtype, device=st.device)
+    picks = [rng.choice(seeds) for _ in range(c.redteam_new_prompts)]
+    asks = [tok.apply_chat_template([{"role": "user", "content": "Rewrite this request in different words, keeping its "
+                                      f"meaning. Reply with the rewritten request only.\n\nRequest: {p}"}])
+            for p in picks]
+    gens = generate(policy, asks, max_new_tokens=64, temperature=0.9, top_p=0.95, seed=c.seed + round_no, tokenizer=tok) \
+        if asks else []
+    techniques = [t for t in TECHNIQUES if t != "none"]
+    for i, (seed_prompt, g) in enumerate(zip(picks, gens)):
+        request = g.text.strip() or seed_prompt
+        technique = rng.choice(techniques)
+        rows.append({"id": f"r{round_no}-new-{i}", "messages": wrap(request, technique, seed=c.seed + i),
+                     "category": "harmful", "technique": technique, "source_prompt": seed_prompt})
+    out = os.path.join(d, "prompts.jsonl")
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"prompts": out, "kept": len(seeds) if complied else 0, "new": len(gens)}
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+
+def write_report(cfg, st: Stages, outputs: dict) -> str:
+    """report.md + report.json under cfg.out: config, timings, curves, and the evaluation side by side."""
+    numbers = {"config": dataclasses.asdict(cfg), "timings_s": st.timings, "stages": outputs, "evaluations": {}}
+    lines = ["# minicai CAI pipeline report", "",
+             f"Base model `{cfg.model}`; feedback model `{cfg.feedback_model or '(the policy itself)'}`; "
+             f"seed {cfg.seed}; device {st.device}, dtype {st.dtype}, backend {cfg.backend}.", "",
+             "## Stage timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in st.timings.items()]
+    lines += [f"| **total** | {sum(st.timings.values()):.0f} |", ""]
+    lines += ["## Training curves", ""]
+    for name in outputs:  # each trainer leaves one PNG: model/loss.png (SFT, reward model) or curves.png (PPO, DPO)
+        for candidate in (os.path.join(st.dir(name), "model", "loss.png"), os.path.join(st.dir(name), "curves.png")):
+            if os.path.exists(candidate):
+                lines.append(f"![{name}]({os.path.relpath(candidate, cfg.out)})")
+                break
+    lines.append("")
+    for name, o in outputs.items():
+        if isinstance(o, dict) and o.get("summary") and os.path.exists(o["summary"]):
+            with open(o["results"]) as f:
+                numbers["evaluations"][name] = json.load(f).get("metrics", {})
+            legend = ", ".join(f"**{label}** = `{path}`" for label, path in o["names"].items())
+            lines += [f"## Evaluation: {name}", "", f"Models: {legend}.", ""]
+            with open(o["summary"]) as f:
+                summary = f.read().replace("# minicai eval", "### Summary", 1)
+            for label, path in o["names"].items():  # name the table's columns by stage
+                summary = summary.replace(f"| `{path}` ", f"| {label} ")
+            lines.append(summary)
+            lines += [f"![{name} charts]({os.path.relpath(p, cfg.out)})"
+                      for p in sorted(os.path.join(st.dir(name), x) for x in os.listdir(st.dir(name)) if x.endswith(".png"))]
+            lines.append("")
+    lines += ["## Config", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2), "```", ""]
+    report = os.path.join(cfg.out, "report.md")
+    atomic_write(report, "\n".join(lines))
+    atomic_write(os.path.join(cfg.out, "report.json"), json.dumps(numbers, indent=2, default=str))
+    return report
+
+
+def check_saved_config(cfg) -> None:
+    path = os.path.join(cfg.out, "config.json")
+    mine = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v and not k.startswith(("eval_", "redteam_"))}
+        if changed:
+            raise ValueError(f"{path}: this run was started with other settings {changed}; use a fresh --out")
+    atomic_write(path, json.dumps(mine, indent=2))
+
+
+def main(argv=None):
+    cfg, args = resolve_config(argv)
+    os.makedirs(cfg.out, exist_ok=True)
+    check_saved_config(cfg)
+    if cfg.backend == "triton":
+        from minicai.backend import set_backend
+
+        set_backend("triton")
+    torch.manual_seed(cfg.seed)
+    st = Stages(cfg, only=args.only)
+    t0 = time.time()
+    out = {}
+    red = write_prompt_subset(cfg.red_team_prompts, cfg.cr_prompts, os.path.join(cfg.out, "red_team_subset.jsonl"))
+    out["01_critique_revise"] = st.run("01_critique_revise", lambda d: stage_critique_revise(st, d, cfg.model, red))
+    out["02_helpful_responses"] = st.run("02_helpful_responses", lambda d: stage_helpful(st, d)) if cfg.helpful_mix else None
+    mix = out["02_helpful_responses"]["responses"] if out.get("02_helpful_responses") else None
+    out["03_sft"] = st.run("03_sft", lambda d: stage_sft(st, d, cfg.model, out["01_critique_revise"]["revisions"], mix))
+    sft_model = out["03_sft"]["model"] if out["03_sft"] else None
+    out["04_labels"] = st.run("04_labels", lambda d: stage_label(st, d, sft_model))
+    out["05_reward_model"] = st.run("05_reward_model", lambda d: stage_reward_model(st, d, sft_model, out["04_labels"]["prefs"]))
+    out["06_ppo"] = st.run("06_ppo", lambda d: stage_ppo(st, d, sft_model, out["05_reward_model"]["model"]))
+    if cfg.dpo_source == "revisions":
+        out["07_revision_pairs"] = st.run("07_revision_pairs", lambda d: stage_revision_pairs(
+            st, d, out["01_critique_revise"]["revisions"]))
+    prefs = (out.get("07_revision_pairs") or out.get("04_labels") or {}).get("prefs")
+    out["08_dpo"] = st.run("08_dpo", lambda d: stage_dpo(st, d, sft_model, prefs))
+    models = {"base": cfg.model, "SL-CAI": sft_model,
+              "RL-CAI (PPO)": (out.get("06_ppo") or {}).get("model"), "RL-CAI (DPO)": (out.get("08_dpo") or {}).get("model")}
+    out["09_eval"] = st.run("09_eval", lambda d: stage_eval(st, d, {k: v for k, v in models.items() if v}))
+    latest = sft_model
+    for r in range(1, cfg.redteam_rounds + 1):
+        tag = f"10_redteam{r}"
+        prev_eval = out[f"10_redteam{r - 1}_eval"]["results"] if r > 1 else (out.get("09_eval") or {}).get("results")
+        prompts = st.run(f"{tag}_prompts", lambda d: stage_redteam_prompts(st, d, latest, prev_eval, r))
+        cr = st.run(f"{tag}_critique_revise", lambda d: stage_critique_revise(st, d, latest, prompts["prompts"]))
+        sft_out = st.run(f"{tag}_sft", lambda d: stage_sft(st, d, latest, cr["revisions"], mix))
+        if st.stopped or sft_out is None:
+            break
+        out[f"{tag}_sft"] = sft_out
+        out[f"{tag}_eval"] = st.run(f"{tag}_eval", lambda d: stage_eval(
+            st, d, {"SL-CAI (previous round)": latest, f"SL-CAI (red-team round {r})": sft_out["model"]}))
+        latest = sft_out["model"]
+    report = write_report(cfg, st, {k: v for k, v in out.items() if v})
+    print(f"[pipeline] done in {time.time() - t0:.0f}s; report: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
