@@ -1,0 +1,353 @@
+"""RL-CAI with DPO: fit the policy to the AI preference labels directly (Rafailov et al. 2023).
+
+The RL stage of Constitutional AI (Bai et al. 2022, sec. 4) trains a preference model on AI labels and runs
+PPO against it; DPO optimises the same KL-regularised objective in closed form from the preference pairs:
+loss = -log sigmoid(beta [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))]) (eq. 7), or
+IPO (Azar et al. 2023) with --loss ipo, conservative DPO with --label-smoothing eps, or the feedback model's
+soft labels p = P(chosen better) with --use-soft-labels (eps = 1 - p per pair). The math is in
+minicai.losses.dpo_loss; this script plumbs data, reference log-probs and the optimiser.
+
+Data: JSONL in TRL's preference format, one pair per row: "prompt" (a string or a message list ending with
+the user turn), "chosen" and "rejected" (strings, or lists holding one assistant message), and with
+--use-soft-labels a "soft_label" in [0, 1]. Each completion is tokenised as the assistant turn after the chat
+template's generation prompt, as SFT does (minicai.sft_data.encode_example): the stripped text, then the EOS
+(the EOS is trained: it is how the policy learns to stop).
+Bad input: a row missing a field, with a malformed completion or soft label is an error naming file:line;
+rows whose chosen and rejected texts are identical, rows with an empty (blank) completion and rows whose
+prompt is longer than --max-prompt-tokens are skipped and counted; completions longer than
+--max-completion-tokens are truncated (and counted).
+
+Choices:
+- Reference log-probs are computed once, before the first update, in one pass over all pairs, by the
+  initial model (with --lora-rank: the same model with its adapters switched off, i.e. the base model,
+  which at that point it equals anyway, since LoRA's B starts at 0). They are kept in memory and cached in
+  OUT/ref_logps.safetensors, reused on --resume when the data, model and settings match. Precomputing
+  also under LoRA keeps one code path and costs one forward per pair instead of one per pair per epoch.
+- Sequence log-probs are sums over completion tokens for "sigmoid", means for "ipo" (IPO's length
+  normalisation, as in the IPO authors' experiments and TRL).
+- --nll-weight w adds w x the mean per-token NLL of the chosen completions (RPO, Pang et al. 2024).
+- A held-out split (--eval-frac) is scored before and after training: implicit reward margin
+  beta (delta_policy - delta_ref), accuracy, loss, and the policy's own log-prob margin.
+- Deterministic given --seed (split, epoch order); resumable at step boundaries (--resume).
+
+    python -m train.dpo --model runs/sft --data prefs.jsonl --out runs/dpo --epochs 1
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save
+
+from minicai.checkpoint import load_model, resolve_path, save_pretrained
+from minicai.constitution import as_messages
+from minicai.io import append_jsonl, atomic_write, read_jsonl
+from minicai.losses import dpo_loss
+from minicai.rl import collate, completion_text, jsonl_with_lines, peak_memory_mb, sequence_logprobs
+from minicai.sft_data import encode_example
+from minicai.tokenizer import load_tokenizer
+from minicai.training import check_finite, load_state, lr_at, make_optimizer, plot_losses, save_state, truncate_log
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+parser.add_argument("--model", default="default", help="initial policy = reference (the SL-CAI / SFT checkpoint; default: %(default)s)")
+parser.add_argument("--data", required=True, help="preference JSONL (format above)")
+parser.add_argument("--out", default="runs/dpo", help="output dir: final/ (HF checkpoint), state/, log.jsonl, eval.json, curves.png (default: %(default)s)")
+parser.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid", help="DPO (sigmoid) or IPO (default: %(default)s)")
+parser.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default: %(default)s)")
+parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate eps in [0, 0.5] (default: %(default)s)")
+parser.add_argument("--use-soft-labels", action="store_true", help="per-pair eps = 1 - soft_label from each row's 'soft_label' field")
+parser.add_argument("--nll-weight", type=float, default=0.0, help="weight of the NLL term on the chosen completions (default: %(default)s)")
+parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (default: %(default)s)")
+parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default: %(default)s)")
+parser.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward, gradients accumulated (0 = --batch-size)")
+parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (LoRA wants ~1e-4) (default: %(default)s)")
+parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: %(default)s)")
+parser.add_argument("--lr-min-ratio", type=float, default=0.1, help="cosine decay to lr x this at the end (default: %(default)s)")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: %(default)s)")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)")
+parser.add_argument("--eval-frac", type=float, default=0.1, help="held-out share of the pairs, 0 = no evaluation (default: %(default)s)")
+parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped (default: %(default)s)")
+parser.add_argument("--max-completion-tokens", type=int, default=256, help="longer completions are truncated (default: %(default)s)")
+parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0 = full)")
+parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+parser.add_argument("--lora-targets", default="q,k,v,o", help="LoRA target linear layers (default: %(default)s)")
+parser.add_argument("--save-every", type=int, default=50, help="write the resumable state every N steps (default: %(default)s)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/state if it exists")
+parser.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after N steps in this run; 0 = to the end")
+parser.add_argument("--seed", type=int, default=0, help="seed of the split and the data order (default: %(default)s)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: %(default)s)")
+parser.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
+parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_pairs(path, tok, *, use_soft_labels=False, max_prompt_tokens=512, max_completion_tokens=256):
+    """Tokenised pairs [{prompt, chosen, rejected, soft_label}] and counts of skipped / truncated rows."""
+    counts = {"identical": 0, "empty": 0, "prompt_too_long": 0, "truncated": 0}
+    pairs = []
+    for lineno, row in jsonl_with_lines(path, required=("prompt", "chosen", "rejected")):
+        where = f"{path}:{lineno}"
+        try:
+            messages = as_messages(row["prompt"])
+        except ValueError as e:
+            raise ValueError(f"{where}: field 'prompt': {e}") from None
+        chosen = completion_text(row["chosen"], f"{where}: field 'chosen'")
+        rejected = completion_text(row["rejected"], f"{where}: field 'rejected'")
+        soft = 1.0
+        if use_soft_labels:
+            soft = row.get("soft_label")
+            if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0.0 <= soft <= 1.0:
+                raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1] with --use-soft-labels, "
+                                 f"got {soft!r}")
+        if not chosen.strip() or not rejected.strip():
+            counts["empty"] += 1
+            continue
+        if chosen.strip() == rejected.strip():
+            counts["identical"] += 1
+            continue
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        if len(prompt) > max_prompt_tokens:
+            counts["prompt_too_long"] += 1
+            continue
+        c = encode_example(tok, messages, chosen.strip())[0][len(prompt):]  # SFT's layout: text + EOS
+        r = encode_example(tok, messages, rejected.strip())[0][len(prompt):]
+        if max(len(c), len(r)) > max_completion_tokens:
+            counts["truncated"] += 1
+            c, r = c[:max_completion_tokens], r[:max_completion_tokens]
+        pairs.append({"prompt": prompt, "chosen": c, "rejected": r, "soft_label": float(soft)})
+    return pairs, counts
+
+
+def split(pairs, eval_frac, seed):
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    n_eval = 0 if eval_frac <= 0 else min(len(pairs) - 1, max(1, round(eval_frac * len(pairs))))
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def pair_batch(pairs, pad_id, device):
+    """chosen rows then rejected rows, one batch of 2b sequences."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return collate(prompts, completions, pad_id, device)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def pair_logprobs(model, pairs, pad_id, args):
+    """(chosen [b], rejected [b]) sequence log-probs, plus the chosen per-token log-probs and mask."""
+    batch = pair_batch(pairs, pad_id, args.device)
+    seq, tok_logp = sequence_logprobs(model, batch, average=args.loss == "ipo")
+    b = len(pairs)
+    return seq[:b], seq[b:], tok_logp[:b], batch["response_mask"][:b]
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs, pad_id, args):
+    """One pass of the reference over all pairs -> [N, 2] (chosen, rejected), in --micro-batch-size chunks."""
+    from minicai.lora import lora_disabled
+
+    out = []
+    with lora_disabled(model):  # no-op without LoRA
+        for i in range(0, len(pairs), args.micro_batch_size):
+            c, r, _, _ = pair_logprobs(model, pairs[i:i + args.micro_batch_size], pad_id, args)
+            out.append(torch.stack([c, r], 1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def fingerprint(args, model_path) -> str:
+    """What the reference log-probs depend on: data bytes, model weights file stamp, tokenisation settings."""
+    h = hashlib.sha256()
+    with open(args.data, "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(model_path)):
+        st = os.stat(os.path.join(model_path, name))
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([args.loss, args.max_prompt_tokens, args.max_completion_tokens, args.eval_frac, args.seed,
+                         args.dtype, args.use_soft_labels]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def evaluate(model, pairs, ref, pad_id, args) -> dict:
+    """Held-out loss, reward accuracy and margins (means over pairs)."""
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    sums = {}
+    for i in range(0, len(pairs), args.micro_batch_size):
+        chunk = pairs[i:i + args.micro_batch_size]
+        c, r, _, _ = pair_logprobs(model, chunk, pad_id, args)
+        rc, rr = ref[i:i + len(chunk), 0].to(c.device), ref[i:i + len(chunk), 1].to(c.device)
+        losses, cr, rjr = dpo_loss(c, r, rc, rr, beta=args.beta, loss_type=args.loss)
+        vals = {"loss": losses, "reward_accuracy": (cr > rjr).float(), "reward_margin": cr - rjr,
+                "chosen_reward": cr, "rejected_reward": rjr, "logp_margin": c - r}
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+    model.train(was_training)
+    return {k: v / len(pairs) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def batch_rows(n, batch_size, seed, step, steps_per_epoch) -> list:
+    epoch, k = divmod(step, steps_per_epoch)
+    order = random.Random(seed * 1_000_003 + epoch + 1).sample(range(n), n)
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def train_step(model, opt, pairs, ref, rows, pad_id, args, step) -> dict:
+    n_pairs = len(rows)
+    n_chosen_tokens = sum(len(pairs[i]["chosen"]) for i in rows)
+    sums = {}
+    opt.zero_grad(set_to_none=True)
+    for i in range(0, n_pairs, args.micro_batch_size):
+        mb = rows[i:i + args.micro_batch_size]
+        chunk = [pairs[j] for j in mb]
+        c, r, c_tok, c_mask = pair_logprobs(model, chunk, pad_id, args)
+        ref_mb = ref[torch.as_tensor(mb)].to(c.device)
+        soft = torch.tensor([p["soft_label"] for p in chunk], device=c.device) if args.use_soft_labels else None
+        losses, cr, rjr = dpo_loss(c, r, ref_mb[:, 0], ref_mb[:, 1], beta=args.beta, loss_type=args.loss,
+                                   label_smoothing=args.label_smoothing, soft_labels=soft)
+        nll = -torch.where(c_mask, c_tok, 0).sum() / n_chosen_tokens           # share of the batch's token mean
+        loss = losses.sum() / n_pairs + args.nll_weight * nll                    # this micro-batch's share
+        loss.backward()
+        with torch.no_grad():
+            vals = {"loss": loss * 1.0, "dpo_loss": losses.sum() / n_pairs, "nll": nll,
+                    "reward_accuracy": (cr > rjr).float().sum() / n_pairs, "reward_margin": (cr - rjr).sum() / n_pairs,
+                    "chosen_reward": cr.sum() / n_pairs, "rejected_reward": rjr.sum() / n_pairs,
+                    "chosen_logp": c.sum() / n_pairs, "rejected_logp": r.sum() / n_pairs}
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + v.detach()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    check_finite(step, loss=sums["loss"], grad_norm=gnorm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    out = {k: float(v) for k, v in sums.items()}
+    out["grad_norm"] = float(gnorm)
+    return out
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.save_every < 1:
+        raise ValueError("--epochs, --batch-size and --save-every must be >= 1")
+    args.micro_batch_size = args.micro_batch_size or args.batch_size
+    if args.use_soft_labels and args.label_smoothing:
+        raise ValueError("give --label-smoothing or --use-soft-labels, not both")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
+
+    path = resolve_path(args.model)
+    tok = load_tokenizer(path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pairs, counts = load_pairs(args.data, tok, use_soft_labels=args.use_soft_labels,
+                               max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens)
+    print(f"dpo: {len(pairs)} pairs from {args.data}; skipped {counts['identical']} identical, {counts['empty']} "
+          f"with an empty completion, {counts['prompt_too_long']} with a prompt > {args.max_prompt_tokens} tokens; "
+          f"truncated {counts['truncated']}")
+    train_pairs, eval_pairs = split(pairs, args.eval_frac, args.seed)
+    if not train_pairs:
+        raise ValueError(f"{args.data}: no usable preference pairs")
+
+    model = load_model(path, dtype=getattr(torch, args.dtype), device=args.device)
+    model.gradient_checkpointing = args.grad_checkpoint
+    if args.lora_rank:
+        from minicai.lora import apply_lora
+        apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)
+
+    # reference log-probs: one pass, before any update (cached for --resume)
+    cache = os.path.join(args.out, "ref_logps.safetensors")
+    fp = fingerprint(args, path)
+    ref = None
+    if args.resume and os.path.exists(cache):
+        from safetensors import safe_open
+        with safe_open(cache, framework="pt") as f:
+            if f.metadata().get("fingerprint") == fp:
+                ref = load_file(cache)
+    if ref is None:
+        t0 = time.perf_counter()
+        model.eval()
+        ref = {"train": reference_logprobs(model, train_pairs, pad_id, args),
+               "eval": reference_logprobs(model, eval_pairs, pad_id, args)}
+        print(f"dpo: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s")
+        atomic_write(cache, save(ref, metadata={"fingerprint": fp}))
+
+    opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    start = 0
+    if args.resume and os.path.exists(os.path.join(state_dir, "state.json")):
+        start = load_state(state_dir, model, opt)["step"]
+        truncate_log(log_path, start)
+        print(f"dpo: resumed from {state_dir} at step {start}")
+    else:
+        if os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log
+        before = evaluate(model, eval_pairs, ref["eval"], pad_id, args)
+        atomic_write(os.path.join(args.out, "eval_before.json"), json.dumps(before, indent=2))
+    if eval_pairs:
+        with open(os.path.join(args.out, "eval_before.json"), encoding="utf-8") as f:
+            before = json.load(f)
+        print(f"dpo: held-out ({len(eval_pairs)} pairs) before: " + _fmt(before))
+
+    model.train()
+    end = total if not args.stop_after else min(total, start + args.stop_after)
+    for step in range(start, end):
+        lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.lr_min_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rows = batch_rows(len(train_pairs), args.batch_size, args.seed, step, steps_per_epoch)
+        t0 = time.perf_counter()
+        m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step)
+        dt = time.perf_counter() - t0
+        n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
+        m.update(step=step + 1, epoch=step / steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
+                 peak_mem_mb=peak_memory_mb(args.device))
+        append_jsonl(log_path, m)
+        print(f"step {step + 1:4d}/{total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
+              f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
+              f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
+              flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
+            save_state(state_dir, model, opt, step + 1)
+
+    rows = read_jsonl(log_path) if os.path.exists(log_path) else []
+    if rows:
+        plot_losses(rows, os.path.join(args.out, "curves.png"), keys=("loss", "reward_margin", "reward_accuracy"),
+                    title=f"DPO ({args.loss})")
+    if end < total:
+        return rows
+    after = evaluate(model, eval_pairs, ref["eval"], pad_id, args)
+    if eval_pairs:
+        print(f"dpo: held-out ({len(eval_pairs)} pairs) after:  " + _fmt(after))
+        atomic_write(os.path.join(args.out, "eval.json"), json.dumps({"before": before, "after": after}, indent=2))
+    if args.lora_rank:
+        from minicai.lora import merge_lora
+        merge_lora(model)
+    save_pretrained(model.eval(), tok, os.path.join(args.out, "final"),
+                    extra_files={"dpo_args.json": json.dumps(vars(args), indent=2)})
+    print(f"dpo: saved {os.path.join(args.out, 'final')}")
+    return rows
+
+
+def _fmt(e):
+    return (f"loss {e['loss']:.4f} | reward acc {e['reward_accuracy']:.2f} | reward margin {e['reward_margin']:+.4f} "
+            f"| logp margin {e['logp_margin']:+.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.dpo: error: {e}", file=sys.stderr)
+        sys.exit(2)

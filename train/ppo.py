@@ -1,0 +1,312 @@
+"""RL-CAI with PPO: optimise the policy against the AI-feedback preference model (Bai et al. 2022, sec. 4).
+
+Each step: sample one response per prompt from the policy (minicai.generate, plain temperature sampling:
+no top-k/top-p, so the sampling distribution is the policy being optimised); score prompt + response with
+the reward model; per-token reward = -beta * KL_t(pi || ref) at every token + the score at the last token
+(Ziegler et al. 2019 eq. 2; the EOS carries the score); GAE advantages (Schulman et al. 2016), whitened;
+then --ppo-epochs passes of clipped-surrogate PPO (Schulman et al. 2017 eq. 7) + clipped value loss over
+minibatches. beta is fixed (--kl-coef) or adapted towards --kl-target (Ziegler et al. 2019 sec. 2.2).
+
+Choices:
+- Old log-probs and values are recomputed by the training forward (same minibatches as the first epoch,
+  no gradient), not taken from the sampler: the sampler's incremental KV-cache forward differs from the
+  full forward by rounding. So the PPO ratio is exactly 1 on the first minibatch of every batch (checked).
+- Log-probs, entropies and the exact KL to the reference come from minicai.logprobs.token_logprobs on
+  hidden states (never the [B, T, V] logits) at the sampling temperature (pi = softmax(logits / T)).
+- Value head: Linear(H, 1) on the policy trunk (minicai.rl.ValueHead, shared trunk), with its own learning
+  rate (--vf-lr-mult x lr, since it starts at zero); the value loss is weighted by --vf-coef.
+- Reference = the initial policy (--model, normally the SFT checkpoint), loaded once more and frozen.
+- A response that hits --max-new-tokens without EOS gets --no-eos-penalty subtracted from its score.
+- Deterministic given --seed: prompt order, sampling seeds and minibatch order are functions of the step,
+  so a resumed run continues exactly like an uninterrupted one (training state every --save-every steps).
+
+    python -m train.ppo --model runs/sft --reward-model runs/rm --out runs/ppo --steps 200
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from minicai import generate
+from minicai.checkpoint import load_model, resolve_path, save_pretrained
+from minicai.io import append_jsonl, read_jsonl
+from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
+                            masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from minicai.rl import (ValueHead, collate, load_prompts, peak_memory_mb, response_logprobs, score_sequences,
+                        select_rows)
+from minicai.tokenizer import load_tokenizer
+from minicai.training import check_finite, load_state, lr_at, make_optimizer, plot_losses, save_state, truncate_log
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--model", default="default", help="initial policy and reference (the SL-CAI / SFT checkpoint)")
+parser.add_argument("--reward-model", default=None, help="reward model directory (train.reward_model output); required")
+parser.add_argument("--prompts", nargs="+", default=["data/red_team_prompts.jsonl", "data/helpful_prompts.jsonl"],
+                    help="JSONL files with 'prompt' (string or messages) or 'messages'; all rows are mixed")
+parser.add_argument("--out", default="runs/ppo", help="output directory: final/ (HF checkpoint), state/, log.jsonl, samples.jsonl, curves.png")
+parser.add_argument("--steps", type=int, default=100, help="PPO steps (rollout batch + update each)")
+parser.add_argument("--batch-size", type=int, default=8, help="prompts (= rollouts) per step")
+parser.add_argument("--minibatch-size", type=int, default=4, help="rollouts per optimizer step inside a PPO epoch")
+parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch")
+parser.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
+parser.add_argument("--max-prompt-tokens", type=int, default=384, help="prompts longer than this (chat-templated) are skipped, with a count")
+parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; log-probs and KL use the same one")
+parser.add_argument("--lr", type=float, default=3e-6, help="peak learning rate of the policy")
+parser.add_argument("--vf-lr-mult", type=float, default=30.0, help="value head learning rate = this x --lr")
+parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+parser.add_argument("--lr-min-ratio", type=float, default=1.0, help="cosine decay to lr x this at the last step (1 = constant)")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
+parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip epsilon")
+parser.add_argument("--cliprange-value", type=float, default=0.2, help="value clip epsilon")
+parser.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (it also trains the shared trunk)")
+parser.add_argument("--gamma", type=float, default=1.0, help="discount")
+parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+parser.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty beta (initial value when adaptive)")
+parser.add_argument("--kl-target", type=float, default=None, help="target sequence KL (nats) for the adaptive controller; unset = fixed beta")
+parser.add_argument("--kl-horizon", type=int, default=10000, help="adaptive controller horizon (in rollouts)")
+parser.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1", help="per-token KL estimator in the reward")
+parser.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of responses without EOS (0 = off)")
+parser.add_argument("--sample-every", type=int, default=10, help="print and save sample completions every N steps (0 = never)")
+parser.add_argument("--save-every", type=int, default=25, help="write the resumable training state every N steps")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/state if it exists")
+parser.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps in this run; 0 = run to --steps")
+parser.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling and minibatch order")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+parser.add_argument("--dtype", default="float32", help="dtype of policy, reference and reward model (float32 or bfloat16)")
+parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+
+
+def step_seed(seed, step, salt):
+    return (seed * 1_000_003 + step * 7919 + salt) % (2 ** 62)
+
+
+def prompt_indices(n_prompts, seed, step, batch_size) -> list:
+    """Prompts of `step`: consecutive slices of one seeded shuffle per pass over the prompt set."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n_prompts)
+        out.append(random.Random(step_seed(seed, epoch, 1)).sample(range(n_prompts), n_prompts)[i])
+    return out
+
+
+def minibatches(n, size, seed, step, epoch) -> list:
+    order = random.Random(step_seed(seed, step, 1000 + epoch)).sample(range(n), n)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def scatter_rows(full, rows, part):
+    """full[rows, :width] = part, for a [b, width] sub-batch result."""
+    full[torch.as_tensor(rows, device=full.device), :part.shape[1]] = part.to(full.dtype)
+
+
+def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args):
+    """One rollout batch + its PPO update. Returns (metrics, sample completions)."""
+    dev, pad = args.device, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    idx = prompt_indices(len(prompts), args.seed, step, args.batch_size)
+    prompt_ids = [prompts[i]["ids"] for i in idx]
+
+    # ---- rollout
+    policy.eval()
+    t0 = time.perf_counter()
+    gens = generate(policy, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    stop_token_ids=[tok.eos_token_id], seed=step_seed(args.seed, step, 2), tokenizer=tok)
+    responses = [g.tokens for g in gens]
+    no_eos = torch.tensor([g.finish_reason != "stop_token" for g in gens], device=dev)
+    batch = collate(prompt_ids, responses, pad, dev)
+    score = score_sequences(reward_fn, prompt_ids, responses, pad, dev)                    # [B]
+    shaped_score = score - args.no_eos_penalty * no_eos.float()
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_rollout = time.perf_counter() - t0
+
+    # ---- old log-probs, values, reference log-probs: the training forward, first epoch's minibatches
+    t0 = time.perf_counter()
+    policy.train()  # no dropout in our model; only gradient checkpointing looks at the flag
+    B, R = batch["response_mask"].shape
+    mask = batch["response_mask"]
+    zeros = lambda: torch.zeros(B, R, device=dev)
+    old_logp, ref_logp, old_values, entropy, kl_exact = zeros(), zeros(), zeros(), zeros(), zeros()
+    plan = [minibatches(B, args.minibatch_size, args.seed, step, e) for e in range(args.ppo_epochs)]
+    for rows in plan[0]:
+        # Grad mode on, as in the update below, so every kernel choice (e.g. SDPA's backend, which can
+        # depend on whether a backward will follow) is the same: that is what makes the ratio exactly 1.
+        sub = select_rows(batch, rows)
+        out = response_logprobs(policy, sub, temperature=args.temperature, ref_model=ref,
+                                value_head=value_head, with_entropy=True)
+        for full, key in ((old_logp, "logprobs"), (ref_logp, "ref_logprobs"), (old_values, "values"),
+                          (entropy, "entropy"), (kl_exact, "kl")):
+            scatter_rows(full, rows, out[key].detach())
+        del out  # frees this minibatch's graph
+    with torch.no_grad():
+        rewards = kl_penalized_rewards(shaped_score, old_logp, ref_logp, mask, kl_coef=kl_ctl.value,
+                                       estimator=args.kl_estimator)                        # [B, R]
+        adv, returns = gae_advantages(rewards, old_values, mask, gamma=args.gamma, lam=args.lam)
+        adv = masked_whiten(adv, mask)
+    # how far the sampler's (KV-cache) log-probs are from the training forward's: rounding only
+    sampler_gap = max(abs(a - b) for r, g in enumerate(gens) for a, b in zip(g.logprobs, old_logp[r].tolist()))
+
+    # ---- PPO epochs
+    stats = []
+    for epoch, mbs in enumerate(plan):
+        for k, rows in enumerate(mbs):
+            sub = select_rows(batch, rows)
+            m = sub["response_mask"]
+            W = m.shape[1]
+            r_idx = torch.as_tensor(rows, device=dev)
+            out = response_logprobs(policy, sub, temperature=args.temperature, value_head=value_head)
+            pl, pm = ppo_policy_loss(out["logprobs"], old_logp[r_idx, :W], adv[r_idx, :W], m, clip_eps=args.cliprange)
+            vl, vm = ppo_value_loss(out["values"], old_values[r_idx, :W], returns[r_idx, :W], m,
+                                    clip_eps=args.cliprange_value)
+            if epoch == 0 and k == 0:  # nothing has been updated yet: new and old policy are the same forward
+                gap = (torch.where(m, out["logprobs"], 0) - torch.where(m, old_logp[r_idx, :W], 0)).abs().max()
+                if gap != 0:
+                    raise RuntimeError(f"step {step}: PPO ratio != 1 before any update (max |log ratio| = "
+                                       f"{float(gap):.3g}); the old log-probs must come from the same forward")
+            loss = pl + args.vf_coef * vl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            check_finite(step, loss=loss.detach(), grad_norm=gnorm)
+            opt.step()
+            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm.detach(),
+                          **pm, **vm})
+    opt.zero_grad(set_to_none=True)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_update = time.perf_counter() - t0
+
+    # ---- metrics (k1 sequence KL drives the controller, as in Ziegler et al.)
+    lengths = mask.sum(1).float()
+    seq_kl = torch.where(mask, old_logp - ref_logp, 0).sum(1).mean()
+    kl_coef = kl_ctl.value
+    kl_ctl.update(float(seq_kl), B)
+    n_tokens = int(batch["attention_mask"].sum())
+    mean = lambda key: float(torch.stack([s[key] for s in stats]).mean())
+    metrics = {
+        "step": step + 1, "reward": float(score.mean()), "reward_std": float(score.std()) if B > 1 else 0.0,
+        "shaped_score": float(shaped_score.mean()), "kl": float(seq_kl),
+        "kl_exact": float(torch.where(mask, kl_exact, 0).sum(1).mean()),
+        "kl_k3": float(torch.where(mask, torch.expm1(ref_logp - old_logp) - (ref_logp - old_logp), 0).sum(1).mean()),
+        "kl_coef": kl_coef, "entropy": float(masked_mean(entropy, mask)),
+        "non_score_reward": float((-kl_coef * torch.where(mask, old_logp - ref_logp, 0)).sum(1).mean()),
+        "policy_loss": mean("policy_loss"), "value_loss": mean("value_loss"), "clip_fraction": mean("clip_fraction"),
+        "approx_kl": mean("approx_kl"), "value_clip_fraction": mean("value_clip_fraction"),
+        "grad_norm": mean("grad_norm"),
+        "explained_variance": float(explained_variance(old_values, returns, mask)),
+        "response_length": float(lengths.mean()), "no_eos_fraction": float(no_eos.float().mean()),
+        "sampler_logprob_gap": sampler_gap,
+        "rollout_tok_s": float(lengths.sum()) / max(t_rollout, 1e-9),
+        "update_tok_s": n_tokens * (args.ppo_epochs + 1) / max(t_update, 1e-9),
+        "rollout_s": t_rollout, "update_s": t_update, "peak_mem_mb": peak_memory_mb(dev),
+        "lr": opt.param_groups[0]["lr"],
+    }
+    samples = [{"step": step + 1, "prompt": prompts[i]["text"], "response": g.text, "score": float(s)}
+               for i, g, s in zip(idx[:2], gens[:2], score[:2])]
+    return metrics, samples
+
+
+def main(argv=None, reward_fn=None):
+    """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.minibatch_size > args.batch_size:
+        raise ValueError(f"--minibatch-size {args.minibatch_size} > --batch-size {args.batch_size}")
+    if args.batch_size < 2:
+        raise ValueError("--batch-size must be >= 2 (advantages are whitened over the batch)")
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
+    samples_path = os.path.join(args.out, "samples.jsonl")
+
+    path = resolve_path(args.model)
+    tok = load_tokenizer(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token (PPO needs one to end responses)")
+    policy = load_model(path, dtype=dtype, device=args.device)
+    policy.gradient_checkpointing = args.grad_checkpoint
+    ref = load_model(path, dtype=dtype, device=args.device).requires_grad_(False).eval()
+    if reward_fn is None:
+        if args.reward_model is None:
+            raise ValueError("--reward-model is required (a train.reward_model output directory)")
+        from minicai.reward import load_reward_model
+        rm = load_reward_model(args.reward_model, dtype=dtype, device=args.device).requires_grad_(False)
+        if rm.config.vocab_size != policy.config.vocab_size:
+            raise ValueError(f"{args.reward_model}: vocab size {rm.config.vocab_size} differs from the policy's "
+                             f"{policy.config.vocab_size} (the reward model must share the policy's tokenizer)")
+        reward_fn = rm
+
+    ctx = policy.config.max_position_embeddings
+    prompts, skipped = [], 0
+    for messages in load_prompts(args.prompts):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        if len(ids) > args.max_prompt_tokens or len(ids) + args.max_new_tokens > ctx:
+            skipped += 1
+        else:
+            prompts.append({"ids": ids, "text": messages[-1]["content"]})
+    print(f"ppo: {len(prompts)} prompts ({skipped} skipped: longer than --max-prompt-tokens or the context)")
+    if len(prompts) < 1:
+        raise ValueError("no usable prompts")
+
+    value_head = ValueHead(policy.config.hidden_size).to(args.device)
+    trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})  # one module for save/load_state
+    opt = make_optimizer(policy, args.lr, weight_decay=args.weight_decay)
+    opt.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0, "lr_mult": args.vf_lr_mult})
+    kl_ctl = AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
+
+    start = 0
+    if args.resume and os.path.exists(os.path.join(state_dir, "state.json")):
+        meta = load_state(state_dir, trainable, opt)
+        start, kl_ctl.value = meta["step"], meta["extra"]["kl_coef"]
+        for path in (log_path, samples_path):  # drop rows of steps after the saved state
+            truncate_log(path, start)
+        print(f"ppo: resumed from {state_dir} at step {start}")
+    else:
+        for path in (log_path, samples_path):  # a fresh run starts fresh logs
+            if os.path.exists(path):
+                os.remove(path)
+
+    end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
+    for step in range(start, end):
+        lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.lr_min_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        metrics, samples = ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args)
+        append_jsonl(log_path, metrics)
+        print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
+              f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
+              f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
+              f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
+              f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
+              flush=True)
+        if args.sample_every and (step + 1) % args.sample_every == 0:
+            for s in samples:
+                append_jsonl(samples_path, s)
+                print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
+            save_state(state_dir, trainable, opt, step + 1, extra={"kl_coef": kl_ctl.value})
+
+    rows = read_jsonl(log_path) if os.path.exists(log_path) else []
+    if rows:
+        plot_losses(rows, os.path.join(args.out, "curves.png"), keys=("reward", "kl"), title="PPO")
+    if end == args.steps:
+        save_pretrained(policy.eval(), tok, os.path.join(args.out, "final"),
+                        extra_files={"ppo_args.json": json.dumps(vars(args), indent=2)})
+        print(f"ppo: saved {os.path.join(args.out, 'final')}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.ppo: error: {e}", file=sys.stderr)
+        sys.exit(2)
