@@ -1,0 +1,202 @@
+"""`minicai chat` (interactive, streaming) and `minicai generate` (JSONL in -> JSONL out, resumable).
+
+Both sample with minicai.sampling.generate; chat streams through its per-token callback, so the sampling
+math is never duplicated here. Prompts go through the checkpoint's own chat template.
+
+generate: each input row has "prompt" (a str, sent as one user turn; --raw sends it as plain text instead)
+or "messages" (a list of {"role", "content"}); the output row is the input row plus "response",
+"finish_reason" and "n_tokens". Rows already in OUT (matched by "id" when the input row has one, else by
+line index: OUT is written in input order) are skipped, so a killed run resumes where it stopped.
+"""
+import json
+import sys
+
+CHAT_HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+
+
+def add_args(p, name):
+    p.add_argument("--model", default="default", help="checkpoint directory ('default' = SmolLM2-135M-Instruct)")
+    p.add_argument("--temperature", type=float, default=0.7 if name == "chat" else 0.0)
+    p.add_argument("--top-p", type=float, default=0.9 if name == "chat" else 1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=512 if name == "chat" else 256)
+    p.add_argument("--seed", type=int, default=None if name == "chat" else 0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
+    if name == "generate":
+        p.add_argument("--prompts", required=True, help="input JSONL: rows with 'prompt' (str) or 'messages' (list)")
+        p.add_argument("--out", required=True, help="output JSONL (appended to; existing rows are skipped)")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--raw", action="store_true", help="encode 'prompt' as plain text, without the chat template")
+
+
+def load(args):
+    import torch
+
+    from minicai.checkpoint import load_pretrained
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+
+
+def sampling_kwargs(args) -> dict:
+    from minicai.sampling import check_sampling_args
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p)
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p)
+
+
+def with_system(messages, system):
+    return ([{"role": "system", "content": system}] if system is not None else []) + messages
+
+
+def run(args):
+    return run_chat(args) if args.command == "chat" else run_generate(args)
+
+
+# ----------------------------------------------------------------------------------------------- chat
+
+class Streamer:
+    """Prints a reply as its tokens arrive. Text is re-decoded from all tokens so far (a token can end in the
+    middle of a UTF-8 character); a trailing replacement character waits for the next token."""
+
+    def __init__(self, tokenizer, stop_ids, out=sys.stdout):
+        self.tok, self.stop_ids, self.out = tokenizer, set(stop_ids), out
+        self.tokens, self.printed = [], 0
+
+    def __call__(self, row, token_id):
+        if token_id in self.stop_ids:
+            return
+        self.tokens.append(token_id)
+        text = self.tok.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def run_chat(args):
+    import torch
+
+    from minicai.sampling import default_stop_ids, generate
+
+    kwargs = sampling_kwargs(args)
+    model, tok = load(args)
+    ctx = model.config.max_position_embeddings
+    stop_ids = default_stop_ids(model, tok)
+    history = []
+    print(f"minicai chat ({args.model}); {CHAT_HELP}")
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd == "/exit":
+            return 0
+        if cmd == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(with_system(history, args.system))
+        # drop the oldest exchanges until the prompt and the reply fit the context
+        while len(ids) + kwargs["max_new_tokens"] > ctx and len(history) > 1:
+            history = history[2:]
+            ids = tok.apply_chat_template(with_system(history, args.system))
+        if len(ids) + kwargs["max_new_tokens"] > ctx:
+            print(f"(message too long: {len(ids)} tokens + {kwargs['max_new_tokens']} new > context {ctx})")
+            history.pop()
+            continue
+        print("assistant> ", end="", flush=True)
+        streamer = Streamer(tok, stop_ids)
+        seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        try:
+            g = generate(model, [ids], tokenizer=tok, seed=seed, callback=streamer, **kwargs)[0]
+            reply = g.text
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; what was printed stays in the history
+            reply = tok.decode(streamer.tokens)
+        history.append({"role": "assistant", "content": reply})
+        print()
+
+
+# ----------------------------------------------------------------------------------------------- generate
+
+def read_prompt_rows(path) -> list:
+    """(line number, row) for each non-blank line; errors name file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            has_prompt, has_messages = isinstance(row.get("prompt"), str), isinstance(row.get("messages"), list)
+            if has_prompt == has_messages:
+                raise ValueError(f"{path}:{lineno}: need exactly one of 'prompt' (str) or 'messages' (list)")
+            rows.append((lineno, row))
+    return rows
+
+
+def encode_row(tok, row, args, where) -> list:
+    try:
+        if "messages" in row:
+            return tok.apply_chat_template(with_system(row["messages"], args.system))
+        if args.raw:
+            return tok.encode(row["prompt"], add_bos=True)
+        return tok.apply_chat_template(with_system([{"role": "user", "content": row["prompt"]}], args.system))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def run_generate(args):
+    from tqdm import tqdm
+
+    from minicai.io import append_jsonl, read_jsonl_tolerant
+    from minicai.sampling import generate
+
+    kwargs = sampling_kwargs(args)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
+    rows = read_prompt_rows(args.prompts)
+    done_rows = read_jsonl_tolerant(args.out)
+    done_ids = {r["id"] for r in done_rows if isinstance(r, dict) and "id" in r}
+    todo = [(i, lineno, row) for i, (lineno, row) in enumerate(rows)
+            if not (row["id"] in done_ids if "id" in row else i < len(done_rows))]
+    if not todo:
+        print(f"{args.out}: all {len(rows)} rows already done")
+        return 0
+    model, tok = load(args)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="row")
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        prompts = [encode_row(tok, row, args, f"{args.prompts}:{lineno}") for _, lineno, row in batch]
+        for (_, lineno, _), ids in zip(batch, prompts):
+            if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
+                raise ValueError(f"{args.prompts}:{lineno}: prompt of {len(ids)} tokens + --max-new-tokens "
+                                 f"{args.max_new_tokens} exceeds the context ({model.config.max_position_embeddings})")
+        # the seed of a batch depends on its first row, so a resumed run samples the rows it redoes the same way
+        outs = generate(model, prompts, tokenizer=tok, seed=args.seed * 1_000_003 + batch[0][0]
+                        if args.seed is not None else None, **kwargs)
+        for (_, _, row), g in zip(batch, outs):
+            append_jsonl(args.out, {**row, "response": g.text, "finish_reason": g.finish_reason,
+                                    "n_tokens": len(g.tokens)})
+        bar.update(len(batch))
+    bar.close()
+    print(f"wrote {args.out}")
+    return 0

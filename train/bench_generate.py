@@ -1,0 +1,99 @@
+"""Benchmark: greedy decoding throughput of minicai.generate vs transformers' generate on the same weights.
+
+Both decode exactly --new-tokens tokens per row (EOS stopping off on both sides), from the same left-padded
+chat prompts, in the same dtype, in the same process, and report generated tokens per second (prefill
+included: the time of the whole call) and the ratio. transformers is the baseline being measured, imported
+only inside `hf_generate`; minicai itself never imports it.
+
+    python -m train.bench_generate                     # CPU, fp32, batch 1 and 16, 128 new tokens
+    python -m train.bench_generate --device cuda --compile --batch-sizes 1 16 64
+"""
+import argparse
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--model", default="default", help="checkpoint directory ('default' = SmolLM2-135M-Instruct)")
+parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+parser.add_argument("--new-tokens", type=int, default=128)
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+parser.add_argument("--compile", action="store_true", help="minicai: torch.compile the decode step (CUDA only)")
+parser.add_argument("--skip-hf", action="store_true", help="time minicai only")
+parser.add_argument("--prompts", default="data/helpful_prompts.jsonl", help="JSONL; rows with a 'prompt' string are used")
+
+import time
+
+import torch
+
+import minicai
+from minicai.checkpoint import resolve_path
+from minicai.io import read_jsonl
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_generate(hf_model, prompts, new_tokens, pad_id, device):
+    """transformers' greedy generate on left-padded prompts; returns the new tokens of each row."""
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                pad_token_id=pad_id)
+    return out[:, L:].tolist()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model, tok = minicai.load_pretrained(args.model, dtype=dtype, device=args.device)
+    rows = [r for r in read_jsonl(args.prompts) if isinstance(r.get("prompt"), str)]
+    if not rows:
+        raise ValueError(f"{args.prompts}: no row with a 'prompt' string")
+    n = max(args.batch_sizes)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": rows[i % len(rows)]["prompt"]}]) for i in range(n)]
+    print(f"model {args.model} on {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
+          f"{args.new_tokens} new tokens per row, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+
+    def ours(batch, new_tokens):
+        return [g.tokens for g in minicai.generate(model, batch, max_new_tokens=new_tokens, stop_token_ids=[],
+                                                   compile=args.compile)]
+
+    hf_model = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM  # the baseline under test, not a minicai dependency
+
+        hf_model = AutoModelForCausalLM.from_pretrained(resolve_path(args.model), dtype=dtype).to(args.device).eval()
+        hf_model.generation_config.eos_token_id = None  # decode all new tokens, like stop_token_ids=[] for ours
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    ours([prompts[0]], 4)  # warm-up (allocator, thread pools, compile)
+    if hf_model is not None:
+        hf_generate(hf_model, [prompts[0]], 4, pad, args.device)
+    for bs in args.batch_sizes:
+        batch = prompts[:bs]
+        total = bs * args.new_tokens
+        ours_tokens, t_ours = timed(lambda: ours(batch, args.new_tokens), args.device)
+        line = f"batch {bs:3d}: minicai {total / t_ours:8.1f} tok/s ({t_ours:6.2f} s)"
+        if hf_model is not None:
+            hf_tokens, t_hf = timed(lambda: hf_generate(hf_model, batch, args.new_tokens, pad, args.device), args.device)
+            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            line += (f" | transformers {total / t_hf:8.1f} tok/s ({t_hf:6.2f} s) | speedup {t_hf / t_ours:5.2f}x"
+                     f" | identical rows {same}/{bs}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
