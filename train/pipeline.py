@@ -36,50 +36,50 @@ from minicai.io import atomic_write, read_jsonl
 
 @dataclass
 class PipelineConfig:
-    out: str = "runs/cai"                   # every stage's folder goes under here
-    model: str = "default"                  # the base policy ("default" = SmolLM2-135M-Instruct)
-    feedback_model: str = ""                # critic / labeller / judge; "" = the policy of each stage
-    seed: int = 0                           # one seed for every stage
-    device: str = "auto"                    # "auto" = cuda if available, else cpu
-    dtype: str = "auto"                     # generation / scoring dtype; "auto" = bfloat16 on cuda, float32 on cpu
-    backend: str = "torch"                  # "torch" twins or "triton" kernels (attention + log-probs, CUDA)
+    out: str = "runs/cai"               # every stage's folder goes under here
+    model: str = "default"              # the base policy ("default" = SmolLM2-135M-Instruct)
+    feedback_model: str = ""            # critic / labeller / judge; "" = the policy of each stage
+    seed: int = 0                       # one seed for every stage
+    device: str = "auto"                # "auto" = cuda if available, else cpu
+    dtype: str = "auto"                 # generation / scoring dtype; "auto" = bfloat16 on cuda, float32 on cpu
+    backend: str = "torch"              # "torch" twins or "triton" kernels (attention + log-probs, CUDA)
     red_team_prompts: str = "data/red_team_prompts.jsonl"  # stage-1 and PPO prompts (harmful, jailbreaks)
     helpful_prompts: str = "data/helpful_prompts.jsonl"    # helpful data mixed into SFT, labelling and PPO
-    batch_size: int = 8                     # generation batch of every stage
-    cr_prompts: int = 32                    # red-team prompts through critique -> revision
-    cr_rounds: int = 2                      # critique -> revision rounds per prompt
-    cr_fewshot: int = 1                     # few-shot demonstrations before each critique
-    cr_max_new_tokens: int = 96             # cap on each response / critique / revision
-    helpful_mix: int = 16                   # helpful prompts answered by the base model and mixed into SFT
-    sft_steps: int = 24                     # SFT optimizer steps
-    sft_batch_size: int = 4                 # SFT examples per step
-    sft_lr: float = 2e-5                    # SFT peak learning rate
-    label_prompts: int = 32                 # prompts labelled by AI feedback (half red-team, half helpful)
-    label_max_new_tokens: int = 64          # length of each of the two sampled responses
-    rm_steps: int = 24                      # reward-model optimizer steps
-    rm_lr: float = 2e-5                     # reward-model peak learning rate
-    ppo_steps: int = 10                     # PPO steps (one rollout batch + update each)
-    ppo_batch_size: int = 8                 # rollouts per PPO step
-    ppo_max_new_tokens: int = 48            # PPO response length cap
-    ppo_lr: float = 3e-6                    # PPO policy learning rate
-    ppo_kl_coef: float = 0.05               # KL penalty beta (initial value if ppo_kl_target is set)
-    ppo_kl_target: float = 0.0              # adaptive KL target in nats; 0 = fixed beta
-    dpo_source: str = "ai"                  # DPO pairs: "ai" (AI feedback labels) or "revisions" (revision > initial)
-    dpo_epochs: int = 1                     # passes over the DPO pairs
-    dpo_lr: float = 1e-6                    # DPO learning rate
-    dpo_beta: float = 0.1                   # DPO beta
-    eval_limit: int = 12                    # prompts per evaluation set (0 = all)
-    eval_max_new_tokens: int = 64           # evaluation response length
-    eval_jailbreak_n: int = 4               # harmful prompts per jailbreak technique in the evaluation
-    redteam_rounds: int = 0                 # extra red-team -> critique/revise -> SFT -> eval rounds
-    redteam_new_prompts: int = 8            # new adversarial prompts a model writes per round
+    batch_size: int = 8                 # generation batch of every stage
+    cr_prompts: int = 16                # red-team prompts through critique -> revision
+    cr_rounds: int = 1                  # critique -> revision rounds per prompt
+    cr_fewshot: int = 1                 # few-shot demonstrations before each critique
+    cr_max_new_tokens: int = 64         # cap on each response / critique / revision
+    helpful_mix: int = 8                # helpful prompts answered by the base model and mixed into SFT
+    sft_steps: int = 16                 # SFT optimizer steps
+    sft_batch_size: int = 4             # SFT examples per step
+    sft_lr: float = 2e-5                # SFT peak learning rate
+    label_prompts: int = 16             # prompts labelled by AI feedback (half red-team, half helpful)
+    label_max_new_tokens: int = 48      # length of each of the two sampled responses
+    rm_steps: int = 12                  # reward-model optimizer steps
+    rm_lr: float = 2e-5                 # reward-model peak learning rate
+    ppo_steps: int = 6                  # PPO steps (one rollout batch + update each)
+    ppo_batch_size: int = 8             # rollouts per PPO step
+    ppo_max_new_tokens: int = 32        # PPO response length cap
+    ppo_lr: float = 3e-6                # PPO policy learning rate
+    ppo_kl_coef: float = 0.05           # KL penalty beta (initial value if ppo_kl_target is set)
+    ppo_kl_target: float = 0.0          # adaptive KL target in nats; 0 = fixed beta
+    dpo_source: str = "ai"              # DPO pairs: "ai" (AI feedback labels) or "revisions" (revision > initial)
+    dpo_epochs: int = 1                 # passes over the DPO pairs
+    dpo_lr: float = 1e-6                # DPO learning rate
+    dpo_beta: float = 0.1               # DPO beta
+    eval_limit: int = 8                 # prompts per evaluation set (0 = all)
+    eval_max_new_tokens: int = 48       # evaluation response length
+    eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
+    redteam_rounds: int = 0             # extra red-team -> critique/revise -> SFT -> eval rounds
+    redteam_new_prompts: int = 8        # new adversarial prompts a model writes per round
 
 
 PRESETS = {
-    # The default model on a 2-core CPU in about 20 minutes.
+    # The default model on a 2-core CPU within 20 minutes: the field defaults above.
     "cpu-demo": {},
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
-    "gpu": dict(batch_size=32, cr_prompts=0, cr_rounds=2, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
+    "gpu": dict(batch_size=32, cr_prompts=0, cr_rounds=2, sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, redteam_rounds=1,

@@ -2,11 +2,12 @@
 
 Both decode exactly --new-tokens tokens per row (EOS stopping off on both sides), from the same left-padded
 chat prompts, in the same dtype, in the same process, and report generated tokens per second (prefill
-included: the time of the whole call) and the ratio. transformers is the baseline being measured, imported
-only inside `hf_generate`; minicai itself never imports it.
+included: the time of the whole call) and the ratio. Runs alternate ours / transformers --repeats times and
+the medians are reported, so a load spike from other processes on a shared machine hits both sides alike.
+transformers is the baseline being measured, imported only inside `main`; minicai never imports it.
 
-    python -m train.bench_generate                     # CPU, fp32, batch 1 and 16, 128 new tokens
-    python -m train.bench_generate --device cuda --compile --batch-sizes 1 16 64
+    python tests/bench_generate.py                     # CPU, fp32, batch 1 and 16, 128 new tokens
+    python tests/bench_generate.py --device cuda --compile --batch-sizes 1 16 64
 """
 import argparse
 
@@ -16,11 +17,13 @@ parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
 parser.add_argument("--new-tokens", type=int, default=128)
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, alternating ours/transformers; medians reported")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 parser.add_argument("--compile", action="store_true", help="minicai: torch.compile the decode step (CUDA only)")
 parser.add_argument("--skip-hf", action="store_true", help="time minicai only")
 parser.add_argument("--prompts", default="data/helpful_prompts.jsonl", help="JSONL; rows with a 'prompt' string are used")
 
+import statistics
 import time
 
 import torch
@@ -85,14 +88,23 @@ def main(args):
     for bs in args.batch_sizes:
         batch = prompts[:bs]
         total = bs * args.new_tokens
-        ours_tokens, t_ours = timed(lambda: ours(batch, args.new_tokens), args.device)
-        line = f"batch {bs:3d}: minicai {total / t_ours:8.1f} tok/s ({t_ours:6.2f} s)"
-        if hf_model is not None:
-            hf_tokens, t_hf = timed(lambda: hf_generate(hf_model, batch, args.new_tokens, pad, args.device), args.device)
-            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-            line += (f" | transformers {total / t_hf:8.1f} tok/s ({t_hf:6.2f} s) | speedup {t_hf / t_ours:5.2f}x"
+        t_ours, t_hf, same = [], [], None
+        for _ in range(args.repeats):
+            ours_tokens, t = timed(lambda: ours(batch, args.new_tokens), args.device)
+            t_ours.append(t)
+            if hf_model is not None:
+                hf_tokens, t = timed(lambda: hf_generate(hf_model, batch, args.new_tokens, pad, args.device), args.device)
+                t_hf.append(t)
+                same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+        to = statistics.median(t_ours)
+        line = f"batch {bs:3d}: minicai {total / to:8.1f} tok/s (median {to:6.2f} s of {len(t_ours)})"
+        if t_hf:
+            th = statistics.median(t_hf)
+            line += (f" | transformers {total / th:8.1f} tok/s (median {th:6.2f} s) | speedup {th / to:5.2f}x"
                      f" | identical rows {same}/{bs}")
         print(line, flush=True)
+        print(f"           runs (s): minicai {[round(t, 2) for t in t_ours]}"
+              + (f" transformers {[round(t, 2) for t in t_hf]}" if t_hf else ""), flush=True)
 
 
 if __name__ == "__main__":
