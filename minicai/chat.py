@@ -8,7 +8,6 @@ or "messages" (a list of {"role", "content"}); the output row is the input row p
 "finish_reason" and "n_tokens". Rows already in OUT (matched by "id" when the input row has one, else by
 line index: OUT is written in input order) are skipped, so a killed run resumes where it stopped.
 """
-import json
 import sys
 
 CHAT_HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
@@ -135,21 +134,13 @@ def run_chat(args):
 
 def read_prompt_rows(path) -> list:
     """(line number, row) for each non-blank line; errors name file:line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            has_prompt, has_messages = isinstance(row.get("prompt"), str), isinstance(row.get("messages"), list)
-            if has_prompt == has_messages:
-                raise ValueError(f"{path}:{lineno}: need exactly one of 'prompt' (str) or 'messages' (list)")
-            rows.append((lineno, row))
+    from minicai.io import read_jsonl_lines
+
+    rows = read_jsonl_lines(path)
+    for lineno, row in rows:
+        has_prompt, has_messages = isinstance(row.get("prompt"), str), isinstance(row.get("messages"), list)
+        if has_prompt == has_messages:
+            raise ValueError(f"{path}:{lineno}: need exactly one of 'prompt' (str) or 'messages' (list)")
     return rows
 
 

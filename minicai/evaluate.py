@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from minicai.constitution import as_messages
-from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_tolerant
+from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_lines, read_jsonl_tolerant
 
 EVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
 DEFAULT_PROMPT_FILES = [str(EVAL_DIR / f"{n}.jsonl")
@@ -66,19 +66,7 @@ def _rows_with_lines(path):
     """(lineno, dict) for each non-blank line; ValueError naming file:line on anything else."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such prompt file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            out.append((lineno, row))
-    return out
+    return read_jsonl_lines(path)
 
 
 def _mc_row(row, where):

@@ -25,10 +25,10 @@ def atomic_write(path, data) -> None:
         raise
 
 
-def read_jsonl(path, required=()) -> list:
-    """Rows of a JSONL file; blank lines are skipped. A malformed line, a non-object row or a row
-    missing a `required` field raises ValueError naming file:line."""
-    rows = []
+def read_jsonl_lines(path) -> list:
+    """(line number, row) for each non-blank line of a JSONL file; a malformed line or a non-object row
+    raises ValueError naming file:line."""
+    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -39,10 +39,19 @@ def read_jsonl(path, required=()) -> list:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
+            out.append((lineno, row))
+    return out
+
+
+def read_jsonl(path, required=()) -> list:
+    """Rows of a JSONL file (blank lines skipped); errors as read_jsonl_lines, and a row missing a
+    `required` field raises ValueError naming file:line."""
+    rows = []
+    for lineno, row in read_jsonl_lines(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+        rows.append(row)
     return rows
 
 

@@ -19,7 +19,6 @@ Deliberate choices: metrics are returned as detached 0-d tensors (no host sync h
 must be constants (old log-probs, advantages, targets) are detached inside the losses so a caller cannot
 leak gradient through them by accident.
 """
-import math
 
 import torch
 import torch.nn.functional as F
