@@ -82,13 +82,19 @@ def _mc_row(row, where):
 
 def load_prompt_files(paths, limit=None):
     """Read prompt files -> (prompts, mc_questions). prompts: dicts source ("file:line"), file, messages,
-    category, technique. `limit` keeps the first N rows of each file. Errors name file:line."""
+    category, technique. `limit` keeps the first N rows of each category in each file (so a limited run
+    still covers every category). Errors name file:line."""
     prompts, mc = [], []
     for path in paths:
         rows = _rows_with_lines(path)
         if not rows:
             raise ValueError(f"{path}: empty prompt set (no rows)")
-        for lineno, row in rows[:limit]:
+        kept = {}
+        for lineno, row in rows:
+            kind = "mc" if ("choices" in row or "question" in row) else row.get("category")
+            kept[kind] = kept.get(kind, 0) + 1
+            if limit and kept[kind] > limit:
+                continue
             where = f"{path}:{lineno}"
             if "choices" in row or "question" in row:
                 mc.append(_mc_row(row, where))
@@ -529,7 +535,7 @@ def add_args(parser: argparse.ArgumentParser, name=None):
     parser.add_argument("--prompts", nargs="+", action="extend", metavar="FILE",
                         help="prompt JSONL files (default: data/eval/*)")
     parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default: runs/eval)")
-    parser.add_argument("--limit", type=int, help="use the first N rows of each prompt file")
+    parser.add_argument("--limit", type=int, help="use the first N rows of each category in each prompt file")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--jailbreak-n", type=int, default=8, help="harmful prompts wrapped per technique")

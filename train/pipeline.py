@@ -67,7 +67,7 @@ class PipelineConfig:
     dpo_epochs: int = 1                 # passes over the DPO pairs
     dpo_lr: float = 1e-6                # DPO learning rate
     dpo_beta: float = 0.1               # DPO beta
-    eval_limit: int = 8                 # prompts per evaluation set (0 = all)
+    eval_limit: int = 8                 # prompts per category per evaluation file (0 = all)
     eval_max_new_tokens: int = 48       # evaluation response length
     eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
     redteam_rounds: int = 0             # extra red-team -> critique/revise -> SFT -> eval rounds
