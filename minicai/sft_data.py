@@ -21,31 +21,18 @@ Malformed JSON, a row that fits none of these, or fields of the wrong type raise
 file:line. An empty (or all-whitespace) response is not an error: the row is skipped and counted, as is
 a row longer than max_len tokens (see build_examples).
 """
-import json
 
 import torch
 
 from minicai.constitution import as_messages
+from minicai.io import read_jsonl_lines
 
 IGNORE = -100
 
 
 def read_sft_rows(path) -> list:
     """Rows of one SFT data file as dicts {messages, response, add_eos, where} (where = "file:line")."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_parse_row(row, where))
-    return rows
+    return [_parse_row(row, f"{path}:{lineno}") for lineno, row in read_jsonl_lines(path)]
 
 
 def _parse_row(row, where) -> dict:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from minicai import training
 from minicai.checkpoint import resolve_path
 from minicai.constitution import as_messages
-from minicai.io import append_jsonl, atomic_write
+from minicai.io import append_jsonl, atomic_write, read_jsonl_lines
 from minicai.losses import bradley_terry_loss
 from minicai.reward import load_reward_model, save_reward_model
 from minicai.rl import completion_text
@@ -96,39 +96,30 @@ def read_pairs(path, soft_labels=False) -> tuple:
     """Parse one preference file. Returns ([{messages, chosen, rejected, p, chosen_eos, rejected_eos, where}],
     {"identical": n, "empty": n}). Malformed rows raise ValueError naming file:line."""
     pairs, skipped = [], {"identical": 0, "empty": 0}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            need = ("prompt", "chosen", "rejected") + (("soft_label",) if soft_labels else ())
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing}")
-            try:
-                messages = as_messages(row["prompt"])
-            except ValueError as e:
-                raise ValueError(f"{where}: field 'prompt': {e}") from None
-            chosen = completion_text(row["chosen"], f"{where}: field 'chosen'").strip()
-            rejected = completion_text(row["rejected"], f"{where}: field 'rejected'").strip()
-            p = row.get("soft_label", 1.0)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-                raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1], got {p!r}")
-            if not chosen or not rejected:
-                skipped["empty"] += 1
-                continue
-            if chosen == rejected:
-                skipped["identical"] += 1
-                continue
-            pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected, "p": float(p), "where": where,
-                          "chosen_eos": row.get("chosen_finish_reason") != "length",
-                          "rejected_eos": row.get("rejected_finish_reason") != "length"})
+    for lineno, row in read_jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        need = ("prompt", "chosen", "rejected") + (("soft_label",) if soft_labels else ())
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        try:
+            messages = as_messages(row["prompt"])
+        except ValueError as e:
+            raise ValueError(f"{where}: field 'prompt': {e}") from None
+        chosen = completion_text(row["chosen"], f"{where}: field 'chosen'").strip()
+        rejected = completion_text(row["rejected"], f"{where}: field 'rejected'").strip()
+        p = row.get("soft_label", 1.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1], got {p!r}")
+        if not chosen or not rejected:
+            skipped["empty"] += 1
+            continue
+        if chosen == rejected:
+            skipped["identical"] += 1
+            continue
+        pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected, "p": float(p), "where": where,
+                      "chosen_eos": row.get("chosen_finish_reason") != "length",
+                      "rejected_eos": row.get("rejected_finish_reason") != "length"})
     return pairs, skipped
 
 
