@@ -201,3 +201,36 @@ def plot_losses(rows, png_path, keys=("loss",), title=None) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write(png_path, buf.getvalue())
+
+
+# flags that may differ on --resume without changing the run
+RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device"}
+
+
+def micro_batches(n, batch_size, seed, position):
+    """Endless micro-batches of example indices: epoch e is torch.randperm(n) under seed (seed, e), cut into
+    batches. Yields (indices, position after this batch); position = {"epoch", "batch"} resumes exactly."""
+    epoch, b = position["epoch"], position["batch"]
+    per_epoch = math.ceil(n / batch_size)
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        while b < per_epoch:
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            b += 1
+            nxt = {"epoch": epoch, "batch": b} if b < per_epoch else {"epoch": epoch + 1, "batch": 0}
+            yield idx, nxt
+        epoch, b = epoch + 1, 0
+
+
+def check_resume_args(run_dir, args) -> None:
+    path = os.path.join(run_dir, "args.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    now = vars(args)
+    diff = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"{path}: --resume with different settings would not continue the same run: "
+                         + ", ".join(f"{k}={saved.get(k)!r} -> {now.get(k)!r}" for k in diff))

@@ -56,7 +56,6 @@ from minicai.reward import load_reward_model, save_reward_model
 from minicai.rl import completion_text
 from minicai.sft_data import encode_example
 from minicai.tokenizer import load_tokenizer
-from train.sft import check_resume_args, micro_batches
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,7 +231,7 @@ def main(argv=None):
     state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
     resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
     if resuming:
-        check_resume_args(run_dir, args)
+        training.check_resume_args(run_dir, args)
     elif os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
@@ -281,7 +280,7 @@ def main(argv=None):
     extra = {"n_train": len(train), "n_eval": len(held), "total_steps": total, "before": before,
              "extra_before": extra_before}
 
-    batches = micro_batches(len(train), args.batch_size, args.seed, position)
+    batches = training.micro_batches(len(train), args.batch_size, args.seed, position)
     bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
     t0 = time.time()
     while step < total:

@@ -79,9 +79,6 @@ parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 # Arguments that may change between a run and its --resume; every other one must match.
-RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device"}
-
-
 def batch_loss(model, batch, n_tokens, autocast=nullcontext):
     """Sum over the batch's labelled tokens of -log p(label), divided by n_tokens (the step's total),
     via the fused log-prob path. batch: input_ids, attention_mask, labels [B, T]."""
@@ -90,22 +87,6 @@ def batch_loss(model, batch, n_tokens, autocast=nullcontext):
     targets = batch["labels"][:, 1:]                                    # [B, T-1] hidden at t predicts t+1
     return cross_entropy_loss(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
                               reduction="sum") / n_tokens
-
-
-def micro_batches(n, batch_size, seed, position):
-    """Endless micro-batches of example indices: epoch e is torch.randperm(n) under seed (seed, e), cut into
-    batches. Yields (indices, position after this batch); position = {"epoch", "batch"} resumes exactly."""
-    epoch, b = position["epoch"], position["batch"]
-    per_epoch = math.ceil(n / batch_size)
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        while b < per_epoch:
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            b += 1
-            nxt = {"epoch": epoch, "batch": b} if b < per_epoch else {"epoch": epoch + 1, "batch": 0}
-            yield idx, nxt
-        epoch, b = epoch + 1, 0
 
 
 def load_data(args, tokenizer):
@@ -120,19 +101,6 @@ def load_data(args, tokenizer):
     return examples
 
 
-def check_resume_args(run_dir, args) -> None:
-    path = os.path.join(run_dir, "args.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    now = vars(args)
-    diff = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{path}: --resume with different settings would not continue the same run: "
-                         + ", ".join(f"{k}={saved.get(k)!r} -> {now.get(k)!r}" for k in diff))
-
-
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.grad_accum < 1:
@@ -144,7 +112,7 @@ def main(argv=None):
     state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
     resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
     if resuming:
-        check_resume_args(run_dir, args)
+        training.check_resume_args(run_dir, args)
     else:  # a fresh run: forget any earlier run's state and log in this run dir
         shutil.rmtree(state_dir, ignore_errors=True)
         if os.path.exists(log_path):
@@ -183,7 +151,7 @@ def main(argv=None):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    batches = micro_batches(len(examples), args.batch_size, args.seed, position)
+    batches = training.micro_batches(len(examples), args.batch_size, args.seed, position)
     bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
     t0 = time.time()
     while step < total:
