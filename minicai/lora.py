@@ -3,7 +3,7 @@
     h = W0 x + (alpha / r) * B A x,    W0 [out, in] frozen,  A [r, in],  B [out, r]
 
 A starts random and B at zero, so the wrapped model starts exactly equal to the base model (sec. 4.1).
-Only A and B train. merge_lora folds the update into plain nn.Linear layers, W = W0 + (alpha/r) B A,
+Only A and B train. merge_lora folds the update into plain linear layers, W = W0 + (alpha/r) B A,
 so the saved checkpoint is an ordinary model. lora_disabled() switches every adapter off at once: the
 frozen base weights are then exactly the original model, which the DPO/PPO stages use as the reference
 without keeping a second copy in memory.
@@ -18,6 +18,8 @@ import fnmatch
 
 import torch
 import torch.nn as nn
+
+from minicai.model import Linear
 
 
 class LoRALinear(nn.Module):
@@ -101,7 +103,7 @@ def merge_lora(model):
         base = m.base
         with torch.no_grad():
             merged = m.merged_weight()
-        lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+        lin = Linear(base.in_features, base.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(merged)

@@ -38,9 +38,8 @@ Choices (documented in `generate` too):
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from minicai.model import KVCache
+from minicai.model import KVCache, prepacked_weights
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
 
@@ -207,7 +206,7 @@ def compiled_decode_step():
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
              stop_token_ids=None, stop_strings=None, num_samples=1, seed=None, tokenizer=None,
-             compile=False, callback=None, static_cache=None) -> list:
+             compile=False, callback=None, static_cache=None, prepack=True) -> list:
     """Sample continuations of `prompts` (a list of token-id lists).
 
     Returns len(prompts) * num_samples Generation objects, ordered prompt0-sample0, prompt0-sample1, ...
@@ -217,6 +216,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     callback(row, token_id): called for every generated token as it is produced (for streaming).
     compile: CUDA only; torch.compile the decode step with CUDA graphs over a static cache (see module doc).
     static_cache: use the static-shape cache without compiling (what compile=True runs; default = compile).
+    prepack: on CPU (fp32/bf16), multiply by weights prepacked for oneDNN while generating (faster decoding,
+        one extra copy of the weights for the duration of the call); see model.prepacked_weights.
     """
     cfg = model.config
     check_sampling_args(temperature, top_k, top_p, min_p)
@@ -259,8 +260,19 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     out = [Generation() for _ in range(B)]
 
     cache = KVCache(cfg, B, L + N, device=device, dtype=dtype)
+    with prepacked_weights(model, enabled=prepack):
+        return decode(model, ids, mask, positions, cache, padded, gens, out, N=N, temperature=temperature, top_k=top_k,
+                      top_p=top_p, min_p=min_p, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+                      callback=callback, compile=compile, static=static)
+
+
+def decode(model, ids, mask, positions, cache, padded, gens, out, *, N, temperature, top_k, top_p, min_p, stop_ids,
+           stop_strings, tokenizer, callback, compile, static) -> list:
+    """generate's prefill and decode loop over checked, left-padded inputs; fills and returns `out`."""
+    B, L = ids.shape
+    device = ids.device
     hidden = model(ids, attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
-    logits = F.linear(hidden[:, -1], weight).float()               # [B, V] only the last position's logits
+    logits = model.unembed(hidden[:, -1]).float()                  # [B, V] only the last position's logits
     if static:
         cache = StaticKVCache(cache)
         step_fn = compiled_decode_step() if compile else decode_step

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from minicai.model import KVCache, ModelConfig, Transformer
+from minicai.model import KVCache, Linear, ModelConfig, Transformer, can_prepack, prepacked_weights
 from minicai.sampling import generate, process_logits, sample
 
 
@@ -93,6 +93,36 @@ def test_kv_cache_logits_match_full_forward(arch):
     ref_lp = torch.log_softmax(ref, -1)[range(steps), g.tokens]
     assert torch.allclose(torch.tensor(g.raw_logprobs, dtype=torch.float64), ref_lp, atol=1e-4)
     assert g.logprobs == g.raw_logprobs  # greedy: documented choice
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
+    model = tiny_model(arch, seed=2)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    with torch.no_grad():
+        ref = model(ids)                                             # F.linear on the plain weights
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    with torch.no_grad(), prepacked_weights(model):
+        if can_prepack(model.output_weight):  # CPU with oneDNN: the packed path really runs
+            assert all(m.packed is not None for m in linears) and model.packed_output is not None
+        out = model(ids)
+    assert (out - ref).abs().max().item() <= 1e-4  # summation order only (logits here reach ~230)
+    assert all(m.packed is None for m in linears) and model.packed_output is None
+    with prepacked_weights(model):                                   # with grad on, the plain weights serve
+        model(ids).square().mean().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
+
+
+def test_generate_sees_weight_updates_between_calls():
+    """Packed copies live for one generate call only, so a training step between calls is never stale."""
+    model = tiny_model("llama", seed=3)
+    before = generate(model, [PROMPTS[1]], max_new_tokens=8, stop_token_ids=[])[0].tokens
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = generate(model, [PROMPTS[1]], max_new_tokens=8, stop_token_ids=[])[0].tokens
+    assert after == full_logits(model, PROMPTS[1], after).argmax(-1).tolist()
+    assert after != before  # the update changed the greedy continuation: the new weights were used
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
