@@ -20,6 +20,7 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, alternating ours/transformers; medians reported")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 parser.add_argument("--compile", action="store_true", help="minicai: torch.compile the decode step (CUDA only)")
+parser.add_argument("--no-prepack", action="store_true", help="minicai: plain weights on CPU (generate(prepack=False))")
 parser.add_argument("--skip-hf", action="store_true", help="time minicai only")
 parser.add_argument("--prompts", default="data/helpful_prompts.jsonl", help="JSONL; rows with a 'prompt' string are used")
 
@@ -72,7 +73,7 @@ def main(args):
 
     def ours(batch, new_tokens):
         return [g.tokens for g in minicai.generate(model, batch, max_new_tokens=new_tokens, stop_token_ids=[],
-                                                   compile=args.compile)]
+                                                   compile=args.compile, prepack=not args.no_prepack)]
 
     hf_model = None
     if not args.skip_hf:

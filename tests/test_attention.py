@@ -156,6 +156,15 @@ def test_twin_fast_paths_match_masked_path():
         torch.testing.assert_close(fast, masked)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_twin_cpu_decode_path_with_padding_and_an_empty_row(dtype, tol):
+    """One low-precision query per row on CPU takes decode_attention: left padding, GQA, a row with no real
+    key -> zeros."""
+    mask = left_pad_mask(3, 25, [0, 7, 25])
+    out, (dq, _, _) = check(A.attention, 3, 6, 2, 1, 25, 64, causal=True, mask=mask, dtype=dtype, tol=tol)
+    assert out[2].abs().max() == 0 and dq[2].abs().max() == 0
+
+
 # ---------------------------------------------------------------------------------------- triton only
 
 def test_backend_dispatch_runs_the_kernel(triton_backend, monkeypatch):
