@@ -233,6 +233,25 @@ def weight_files(path) -> list:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on x86 CPUs with AVX512-BF16 or AMX (Linux /proc/cpuinfo), where bf16 matmuls run natively;
+    elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def generation_dtype(device) -> str:
+    """What dtype "auto" means for generation-only work: bfloat16 on CUDA and on CPUs with native bf16
+    (SmolLM2-135M on a 2-core AVX512-BF16 CPU: 1.2-1.5x faster greedy decoding than float32), else float32."""
+    if torch.device(device).type == "cuda" or (torch.device(device).type == "cpu" and cpu_has_native_bf16()):
+        return "bfloat16"
+    return "float32"
+
+
 def _dtype(dtype):
     """torch.bfloat16, "bfloat16" or "torch.bfloat16" -> torch.bfloat16."""
     if isinstance(dtype, str):

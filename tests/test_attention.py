@@ -156,6 +156,14 @@ def test_twin_fast_paths_match_masked_path():
         torch.testing.assert_close(fast, masked)
 
 
+def test_twin_long_left_padded_prefill_takes_the_per_row_path(monkeypatch):
+    """Square causal with left padding and T >= 128 runs one causal SDPA per row; a fully padded row -> zeros."""
+    real, calls = A.per_row_causal, []
+    monkeypatch.setattr(A, "per_row_causal", lambda *a: calls.append(1) or real(*a))
+    out, (dq, dk, _) = check(A.attention, 3, 4, 2, 130, 130, 16, causal=True, mask=left_pad_mask(3, 130, [0, 9, 130]))
+    assert calls and out[2].abs().max() == 0 and dq[2].abs().max() == 0 and dk[1, :, :9].abs().max() == 0
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
 def test_twin_cpu_decode_path_with_padding_and_an_empty_row(dtype, tol):
     """One low-precision query per row on CPU takes decode_attention: left padding, GQA, a row with no real

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import load_pretrained, resolve_path
+from minicai.checkpoint import generation_dtype, load_pretrained, resolve_path
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, as_messages, critique_messages,
                                   load_constitution, load_fewshot, revision_messages, strip_label)
 from minicai.io import append_jsonl, read_jsonl, read_jsonl_tolerant
@@ -73,7 +73,7 @@ parser.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = of
 parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
 parser.add_argument("--seed", type=int, default=0, help="seed of principle/demo draws and sampling")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="model dtype (bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX, slower on others)")
+parser.add_argument("--dtype", default="auto", help="model dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -233,6 +233,8 @@ def process_batch(batch, models, constitution, demos, args) -> list:
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = generation_dtype(args.device)
     if args.rounds < 1 or args.batch_size < 1 or args.n_fewshot < 0 or args.max_new_tokens < 1:
         raise ValueError("--rounds, --batch-size and --max-new-tokens must be >= 1 and --n-fewshot >= 0")
     constitution = load_constitution(args.constitution)

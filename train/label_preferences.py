@@ -41,7 +41,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import load_pretrained, resolve_path
+from minicai.checkpoint import generation_dtype, load_pretrained, resolve_path
 from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution
 from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_pairs, pairwise_question
@@ -65,7 +65,7 @@ parser.add_argument("--from-revisions", default=None, help="critique_revise outp
 parser.add_argument("--agreement", default="data/eval/judge_labelled.jsonl", help="hand-labelled pairs to report the labeller's agreement on ('' to skip)")
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling and principle draws")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="model dtype")
+parser.add_argument("--dtype", default="auto", help="model dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 COT_CLAMP = (0.4, 0.6)
@@ -222,6 +222,8 @@ def label_chunk(chunk, policy, tok, judge, judge_tok, constitution, args):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = generation_dtype(args.device)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
     if os.path.dirname(args.out):
