@@ -115,9 +115,16 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows of the batch so they stop costing compute."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        """Drop finished rows of the batch so they stop costing compute. `rows` (ascending) move to the front
+        in place, only the positions written so far: no new allocation of the whole cache per finished row."""
+        rows = rows.tolist()
+        if rows != sorted(rows):
+            raise ValueError(f"keep_rows needs ascending row indices, got {rows}")
+        for i, r in enumerate(rows):  # r >= i: every source row is read before anything overwrites it
+            if r != i:
+                self.k[:, i, :, :self.length] = self.k[:, r, :, :self.length]
+                self.v[:, i, :, :self.length] = self.v[:, r, :, :self.length]
+        self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
 
 
 class Linear(nn.Linear):

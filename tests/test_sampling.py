@@ -113,6 +113,20 @@ def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
 
 
+def test_kv_cache_keep_rows_moves_the_kept_rows_to_the_front():
+    cfg = tiny_model("llama").config
+    cache = KVCache(cfg, 4, 6)
+    cache.k[:] = torch.arange(4.0)[None, :, None, None, None]       # row b holds the value b everywhere
+    cache.v[:] = -torch.arange(4.0)[None, :, None, None, None]
+    cache.length = 5
+    cache.keep_rows(torch.tensor([1, 3]))
+    assert cache.k.shape[1] == cache.v.shape[1] == 2
+    assert (cache.k[:, 0, :, :5] == 1).all() and (cache.k[:, 1, :, :5] == 3).all()
+    assert (cache.v[:, 0, :, :5] == -1).all() and (cache.v[:, 1, :, :5] == -3).all()
+    with pytest.raises(ValueError, match="ascending"):
+        cache.keep_rows(torch.tensor([1, 0]))
+
+
 def test_generate_sees_weight_updates_between_calls():
     """Packed copies live for one generate call only, so a training step between calls is never stale."""
     model = tiny_model("llama", seed=3)
