@@ -12,6 +12,7 @@ this one forward. Deliberate deviations from the reference implementations:
 - GPT-2's fused c_attn is split into q/k/v at load time so both families share one attention block.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -144,11 +145,26 @@ def packed_linear(x, packed, bias=None):
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    """CPU fp32/bf16 weights, with a oneDNN build whose packed matmul works here (checked once per dtype)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32
+    return packed_linear_works(weight.dtype)
+
+
+@functools.cache
+def packed_linear_works(dtype) -> bool:
+    """Probe the private torch.ops.mkldnn ops on a tiny matmul: a build or CPU without them (or without
+    native bf16) falls back to F.linear instead of failing mid-generation."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w, x = torch.randn(8, 16).to(dtype), torch.randn(3, 16).to(dtype)
+        y = packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, 16))
+        return torch.allclose(y.float(), F.linear(x, w).float(), atol=0.05, rtol=0.05)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 @contextlib.contextmanager

@@ -113,6 +113,16 @@ def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
 
 
+def test_without_working_onednn_prepacking_is_a_no_op(monkeypatch):
+    import minicai.model
+    model = tiny_model("llama", seed=4)
+    ref = generate(model, [PROMPTS[0]], max_new_tokens=6, prepack=False)[0].tokens
+    monkeypatch.setattr(minicai.model, "packed_linear_works", lambda dtype: False)
+    with prepacked_weights(model):
+        assert model.packed_output is None and all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    assert generate(model, [PROMPTS[0]], max_new_tokens=6)[0].tokens == ref
+
+
 def test_kv_cache_keep_rows_moves_the_kept_rows_to_the_front():
     cfg = tiny_model("llama").config
     cache = KVCache(cfg, 4, 6)
