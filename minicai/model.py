@@ -133,9 +133,15 @@ class Linear(nn.Linear):
     packed = None  # oneDNN-layout copy of weight; set only inside prepacked_weights()
 
     def forward(self, x):
-        if self.packed is not None and not torch.is_grad_enabled():
-            return packed_linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
+
+
+def linear(x, weight, bias=None, packed=None):
+    """F.linear, or the same product through `packed` (weight prepacked by oneDNN) when one is given and no
+    gradient is needed: the one place the model chooses between the two."""
+    if packed is not None and not torch.is_grad_enabled():
+        return packed_linear(x, packed, bias)
+    return F.linear(x, weight, bias)
 
 
 def packed_linear(x, packed, bias=None):
@@ -174,8 +180,9 @@ def prepacked_weights(model, enabled: bool = True):
 
     Why: decoding a batch of a few rows is bound by reading the weights from memory, and on CPU oneDNN's
     blocked layout reads them faster than the row-major layout MKL's sgemm gets (SmolLM2-135M, fp32, 2-core
-    CPU: 1.2-1.4x faster greedy decoding at batch 1 and 16; BENCHMARKS.md has the figures). The copies are made on entry and dropped on exit,
-    so they never outlive a weight update; results differ from F.linear only in summation order (~1e-6).
+    CPU: 1.52x / 1.65x faster greedy decoding at batch 1 / 16; BENCHMARKS.md). The copies are made on entry
+    and dropped on exit, so they never outlive a weight update; results differ from F.linear only in
+    summation order (~1e-6).
     Costs one extra copy of the weights while active."""
     if not enabled or model.packed_output is not None or not can_prepack(model.output_weight):
         yield model
@@ -309,9 +316,7 @@ class Transformer(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [..., H] -> logits [..., V]."""
-        if self.packed_output is not None and not torch.is_grad_enabled():
-            return packed_linear(x, self.packed_output)
-        return F.linear(x, self.output_weight)
+        return linear(x, self.output_weight, packed=self.packed_output)
 
 
 def config_field_names() -> set:

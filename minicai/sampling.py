@@ -260,80 +260,70 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     out = [Generation() for _ in range(B)]
 
     cache = KVCache(cfg, B, L + N, device=device, dtype=dtype)
-    with prepacked_weights(model, enabled=prepack):
-        return decode(model, ids, mask, positions, cache, padded, gens, out, N=N, temperature=temperature, top_k=top_k,
-                      top_p=top_p, min_p=min_p, stop_ids=stop_ids, stop_strings=stop_strings, tokenizer=tokenizer,
-                      callback=callback, compile=compile, static=static)
-
-
-def decode(model, ids, mask, positions, cache, padded, gens, out, *, N, temperature, top_k, top_p, min_p, stop_ids,
-           stop_strings, tokenizer, callback, compile, static) -> list:
-    """generate's prefill and decode loop over checked, left-padded inputs; fills and returns `out`."""
-    B, L = ids.shape
-    device = ids.device
-    hidden = model(ids, attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
-    logits = model.unembed(hidden[:, -1]).float()                  # [B, V] only the last position's logits
-    if static:
-        cache = StaticKVCache(cache)
-        step_fn = compiled_decode_step() if compile else decode_step
-        if compile:  # buffers mutated in place between replays keep their addresses (no copies into the graph)
-            for t in (*cache.ks, *cache.vs, cache.slot, mask, positions):
-                torch._dynamo.mark_static_address(t)
-    else:
-        step_fn = decode_step
-
-    active = list(range(B))                                        # output row of each batch row (None: done)
-    row_gens = gens                                                # generator of each batch row
-    for step in range(N):
-        if temperature == 0:
-            tok = logits.argmax(-1)                                # [b]
+    with prepacked_weights(model, enabled=prepack):  # packed copies live for this call only
+        hidden = model(ids, attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
+        logits = model.unembed(hidden[:, -1]).float()                  # [B, V] only the last position's logits
+        if static:
+            cache = StaticKVCache(cache)
+            step_fn = compiled_decode_step() if compile else decode_step
+            if compile:  # buffers mutated in place between replays keep their addresses (no copies into the graph)
+                for t in (*cache.ks, *cache.vs, cache.slot, mask, positions):
+                    torch._dynamo.mark_static_address(t)
         else:
-            logp = process_logits(logits, temperature, top_k, top_p, min_p)  # [b, V]
-            tok = sample(logp, row_gens)
-        # log softmax(z)[tok] = z[tok] - logsumexp(z): temperature 1, untruncated, without a [b, V] result
-        raw = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        lp = raw if temperature == 0 else logp.gather(-1, tok[:, None])[:, 0]
-        toks, (lps, raws) = tok.tolist(), torch.stack([lp, raw]).tolist()  # one host sync per step
+            step_fn = decode_step
 
-        done = []
-        for j, r in enumerate(active):
-            if r is None:
-                continue
-            g, t = out[r], toks[j]
-            g.tokens.append(t)
-            g.logprobs.append(lps[j])
-            g.raw_logprobs.append(raws[j])
-            if callback is not None:
-                callback(r, t)
-            if t in stop_ids:
-                g.finish_reason = "stop_token"
-            elif stop_strings and any(s in tokenizer.decode(g.tokens) for s in stop_strings):
-                g.finish_reason = "stop_string"
-            elif len(g.tokens) == N:
-                g.finish_reason = "length"
+        active = list(range(B))                                        # output row of each batch row (None: done)
+        row_gens = gens                                                # generator of each batch row
+        for step in range(N):
+            if temperature == 0:
+                tok = logits.argmax(-1)                                # [b]
             else:
-                continue
-            done.append(j)
-        for j in done:
-            active[j] = None
-        if all(r is None for r in active):
-            break
-        mask[:, L + step] = 1                                      # the token fed now is real in every row
-        if static:  # fixed shapes: finished rows run on and are ignored
-            logits = step_fn(model, tok, positions, mask, cache).clone()  # clone: graph outputs are reused
-            cache.slot += 1
-        else:
-            if done:                                               # drop finished rows from the batch
-                keep = [j for j, r in enumerate(active) if r is not None]
-                sel = torch.tensor(keep, device=device)
-                cache.keep_rows(sel)
-                tok, positions, mask = tok[sel], positions[sel], mask[sel]
-                active = [active[j] for j in keep]
-                row_gens = [row_gens[j] for j in keep] if row_gens is not None else None
-                padded = padded and bool((mask[:, :L] == 0).any())
-            logits = step_fn(model, tok, positions, mask[:, :cache.length + 1] if padded else None, cache)
-        positions += 1
-    return finish(out, tokenizer, stop_strings)
+                logp = process_logits(logits, temperature, top_k, top_p, min_p)  # [b, V]
+                tok = sample(logp, row_gens)
+            # log softmax(z)[tok] = z[tok] - logsumexp(z): temperature 1, untruncated, without a [b, V] result
+            raw = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            lp = raw if temperature == 0 else logp.gather(-1, tok[:, None])[:, 0]
+            toks, (lps, raws) = tok.tolist(), torch.stack([lp, raw]).tolist()  # one host sync per step
+
+            done = []
+            for j, r in enumerate(active):
+                if r is None:
+                    continue
+                g, t = out[r], toks[j]
+                g.tokens.append(t)
+                g.logprobs.append(lps[j])
+                g.raw_logprobs.append(raws[j])
+                if callback is not None:
+                    callback(r, t)
+                if t in stop_ids:
+                    g.finish_reason = "stop_token"
+                elif stop_strings and any(s in tokenizer.decode(g.tokens) for s in stop_strings):
+                    g.finish_reason = "stop_string"
+                elif len(g.tokens) == N:
+                    g.finish_reason = "length"
+                else:
+                    continue
+                done.append(j)
+            for j in done:
+                active[j] = None
+            if all(r is None for r in active):
+                break
+            mask[:, L + step] = 1                                      # the token fed now is real in every row
+            if static:  # fixed shapes: finished rows run on and are ignored
+                logits = step_fn(model, tok, positions, mask, cache).clone()  # clone: graph outputs are reused
+                cache.slot += 1
+            else:
+                if done:                                               # drop finished rows from the batch
+                    keep = [j for j, r in enumerate(active) if r is not None]
+                    sel = torch.tensor(keep, device=device)
+                    cache.keep_rows(sel)
+                    tok, positions, mask = tok[sel], positions[sel], mask[sel]
+                    active = [active[j] for j in keep]
+                    row_gens = [row_gens[j] for j in keep] if row_gens is not None else None
+                    padded = padded and bool((mask[:, :L] == 0).any())
+                logits = step_fn(model, tok, positions, mask[:, :cache.length + 1] if padded else None, cache)
+            positions += 1
+        return finish(out, tokenizer, stop_strings)
 
 
 def finish(out, tokenizer, stop_strings) -> list:
