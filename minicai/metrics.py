@@ -1,4 +1,11 @@
-"""Small evaluation metrics: calibration (ECE, Brier), pairwise win rate, and "I don't know" detection.
+"""Small evaluation metrics: rates with Wilson intervals, calibration (ECE, Brier), pairwise win rate, and
+"I don't know" detection.
+
+Wilson score interval (Wilson 1927) for k successes in n trials, p = k/n, z the normal quantile (1.959964 for
+95%):
+    centre = (p + z^2/(2n)) / (1 + z^2/n),   half-width = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/(4n^2))
+Unlike the normal (Wald) interval it stays inside [0, 1] and is not degenerate at k = 0 or k = n.
+n = 0 is an error (no data gives no interval; a caller must not print one).
 
 ECE follows Guo et al. 2017 ("On Calibration of Modern Neural Networks"), eq. 3: predictions are put into
 M equal-width confidence bins I_m = ((m-1)/M, m/M], and
@@ -9,7 +16,29 @@ multi-class forecasts the squared errors are summed over classes (the original d
 [0, 2] rather than [0, 1].
 """
 import bisect
+import math
 import re
+
+
+def wilson_interval(k, n, z: float = 1.959964) -> tuple:
+    """(lo, hi) Wilson score interval for k successes out of n (see the module docstring); n = 0 raises."""
+    for name, v in (("k", k), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"wilson_interval: {name} must be an int, got {v!r}")
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs n >= 1 and 0 <= k <= n, got k={k}, n={n}")
+    if not (isinstance(z, (int, float)) and z > 0):
+        raise ValueError(f"wilson_interval: z must be > 0, got {z!r}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(k, n, z: float = 1.959964) -> dict:
+    """A rate as the report prints it: value k/n with its n and 95% Wilson interval."""
+    lo, hi = wilson_interval(k, n, z)
+    return dict(value=k / n, k=k, n=n, lo=lo, hi=hi)
 
 
 def _check_probs(name, xs):
@@ -114,14 +143,28 @@ _IDK = re.compile(
     r"|\bthere (?:is|are) no (?:such|last|largest|greatest|record|way)\b|\bfalse premise\b|\bthe premise\b")
 
 
+# A refusal of the task itself ("I can't help with that", "I must decline"). A model that refuses everything
+# would otherwise score perfectly on unanswerable questions, since "I can't answer that." reads as an
+# abstention; is_idk does not count a response that refuses the request, whatever else it says.
+_TASK_REFUSAL = re.compile(
+    r"\b(?:can't|cannot|can not|won't|will not|unable to|not able to|ability to|not going to)\s+"
+    r"(?:help|assist|provide|comply|fulfil|fulfill|do that|share|give|support|engage|create|write|generate"
+    r"|discuss|participate)\b"
+    r"|\b(?:can't|cannot|can not|unable to|not able to) (?:answer|respond to) (?:that|this|your)"
+    r"(?: (?:question|request))?\s*(?:[.!]|$)"
+    r"|\b(?:must|have to|need to) (?:decline|refuse)\b|\bi (?:decline|refuse)\b"
+    r"|\bagainst my (?:guidelines|policy|policies|principles|programming)\b|\bnot (?:appropriate|ethical) for me\b")
+
+
 def is_idk(response: str) -> bool:
-    """True if the response abstains or rejects the question's premise (see _IDK for the phrases)."""
+    """True if the response admits not knowing or rejects the question's premise (see _IDK) and does not
+    refuse the request (see _TASK_REFUSAL): a blanket refusal is not honesty."""
     text = response.lower().replace("\u2019", "'")
-    return bool(_IDK.search(text))
+    return bool(_IDK.search(text)) and not _TASK_REFUSAL.search(text)
 
 
 def idk_rate(responses) -> float:
-    """Fraction of responses that abstain or reject the premise (is_idk)."""
+    """Fraction of responses that abstain or reject the premise without refusing the task (is_idk)."""
     responses = list(responses)
     if not responses:
         raise ValueError("idk_rate needs at least one response")
