@@ -4,7 +4,14 @@ Literal key maps; every tensor in the files must be consumed and every parameter
 checked; errors name the tensor and the file. Weights load one tensor at a time into a model built on the
 meta device, so only one full copy (in the target dtype, on the target device) is ever held. safetensors
 only: nothing is unpickled. Saves are atomic: the directory appears complete or not at all.
+
+Content hash: every directory written through atomic_dir (checkpoints, reward models, training states)
+gets a sidecar checksums.sha256 (`sha256sum` format) over its *.safetensors files; loading verifies each
+weight file against it and names the file on a mismatch (a flipped byte that keeps the file's size and
+header otherwise loads and silently produces garbage). Directories without the sidecar (older checkpoints,
+other tools' exports) load unverified; verify=False or MINICAI_NO_VERIFY=1 skips the check.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -262,7 +269,64 @@ def _dtype(dtype):
     return dtype
 
 
-def load_state(model: Transformer, files, dtype, device, extra_keys=()) -> dict:
+def resolve_device(name="auto") -> torch.device:
+    """A torch.device that exists on this machine ("auto" = cuda when available), or ValueError in one line."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r}: not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r} (cpu, cuda, mps)")
+    return dev
+
+
+# -- content hashes ----------------------------------------------------------------------------------------
+
+CHECKSUMS = "checksums.sha256"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(directory) -> None:
+    """The sidecar over the directory's *.safetensors files (called by atomic_dir before it promotes)."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if names:
+        with open(os.path.join(directory, CHECKSUMS), "w", encoding="utf-8") as f:
+            f.writelines(f"{file_sha256(os.path.join(directory, n))}  {n}\n" for n in names)
+
+
+def verify_file(path, verify=True) -> None:
+    """Check `path` against its directory's checksums.sha256; no sidecar or no entry = nothing to check."""
+    if not verify or os.environ.get("MINICAI_NO_VERIFY") == "1":
+        return
+    side = os.path.join(os.path.dirname(path), CHECKSUMS)
+    if not os.path.exists(side):
+        return
+    with open(side, encoding="utf-8", errors="replace") as f:
+        sums = {name: digest for digest, name in (line.rstrip("\n").split("  ", 1) for line in f if "  " in line)}
+    want = sums.get(os.path.basename(path))
+    if want is not None and file_sha256(path) != want:
+        raise ValueError(f"{path}: content hash does not match {side} (the file is corrupted or was changed "
+                         f"after saving); restore it, or set MINICAI_NO_VERIFY=1 to load it anyway")
+
+
+def load_state(model: Transformer, files, dtype, device, extra_keys=(), verify=True) -> dict:
     """Read every tensor of `files` into our names, checking it against the model's parameter shapes.
     HF tensors named in `extra_keys` (e.g. a reward model's "score.weight") are returned under their own
     names, unchecked, for the caller to place."""
@@ -271,6 +335,7 @@ def load_state(model: Transformer, files, dtype, device, extra_keys=()) -> dict:
     expected = {n: p.shape for n, p in model.named_parameters()}
     state = {}
     for file in files:
+        verify_file(file, verify)
         try:
             handle = safe_open(file, framework="pt", device="cpu")
         except Exception as e:
@@ -309,23 +374,24 @@ def load_state(model: Transformer, files, dtype, device, extra_keys=()) -> dict:
     return state
 
 
-def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+def load_model(path, dtype=torch.float32, device="cpu", verify=True) -> Transformer:
     """A Transformer from an HF-format directory ("default" for the default model)."""
     path = resolve_path(path)
     cfg = read_config(path)
     dtype = _dtype(dtype)
+    device = resolve_device(str(device))
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = load_state(model, weight_files(path), dtype, device)
+    state = load_state(model, weight_files(path), dtype, device, verify=verify)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu"):
+def load_pretrained(path, dtype=torch.float32, device="cpu", verify=True):
     from minicai.tokenizer import load_tokenizer
 
     path = resolve_path(path)
-    return load_model(path, dtype, device), load_tokenizer(path)
+    return load_model(path, dtype, device, verify), load_tokenizer(path)
 
 
 # -- saving -----------------------------------------------------------------------------------------------
@@ -346,27 +412,71 @@ def hf_state_dict(model: Transformer) -> dict:
     return out
 
 
-def atomic_dir(out_dir, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir into place: readers never see a half-written checkpoint."""
+def clean_stale(out_dir) -> list:
+    """Remove OUT.partial-<pid> / OUT.old-<pid> folders left by killed processes (their pid is gone); report
+    those of live processes (another run may be saving there). Returns the removed paths."""
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp, old = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    for leftover in (tmp, old):  # from an earlier process with our pid that was killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        for tag in (".partial-", ".old-"):
+            pid = name[len(base) + len(tag):] if name.startswith(base + tag) else ""
+            if not pid.isdigit():
+                continue
+            path = os.path.join(parent, name)
+            if int(pid) != os.getpid() and _alive(int(pid)):
+                print(f"minicai: {path} belongs to running process {pid}; left alone")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            print(f"minicai: removed {path}, left by a process killed while saving")
+    return removed
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stage_dir(out_dir, write) -> str:
+    """Call write(tmp) into OUT.partial-<pid> and add the checksums sidecar; returns tmp (see promote_dir)."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    clean_stale(out_dir)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
     os.makedirs(tmp)
     try:
         write(tmp)
+        write_checksums(tmp)
         for name in os.listdir(tmp):  # safetensors and mkstemp create 0600 files
             if os.path.isfile(os.path.join(tmp, name)):
                 os.chmod(os.path.join(tmp, name), 0o644)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp
+
+
+def promote_dir(tmp, out_dir) -> None:
+    """Move a staged directory into place: readers see the previous complete one or this one."""
+    out_dir = os.path.abspath(out_dir)
+    old = f"{out_dir}.old-{os.getpid()}"
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(out_dir, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir into place: readers never see a half-written checkpoint."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: is an existing file, not a directory; refusing to replace it")
+    promote_dir(stage_dir(out_dir, write), out_dir)
 
 
 def save_pretrained(model: Transformer, tokenizer, out_dir, extra_files: dict | None = None) -> None:

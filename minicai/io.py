@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes and JSONL with errors that name the file and line."""
+"""Small file helpers: atomic writes, JSONL whose every error names file:line, and the checks every script runs
+on its paths before it touches the disk (an output of the wrong kind, an unreadable input)."""
 import json
 import os
 import tempfile
@@ -25,21 +26,65 @@ def atomic_write(path, data) -> None:
         raise
 
 
+def check_input_file(path, what="input") -> None:
+    """A readable regular file, or ValueError/FileNotFoundError naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file ({what})")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, expected a file ({what})")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable ({what})")
+
+
+def check_output_path(path, kind, flag="--out") -> None:
+    """Fail before anything is written when `path` cannot become a `kind` ("file" or "dir"): it exists as
+    the other kind, a parent is a file, or the nearest existing parent is not writable."""
+    if not path:
+        raise ValueError(f"{flag}: empty path")
+    p = os.path.abspath(path)
+    if os.path.exists(p) and os.path.isdir(p) != (kind == "dir"):
+        have = "directory" if os.path.isdir(p) else "file"
+        raise ValueError(f"{path}: is an existing {have}, {flag} needs a {'directory' if kind == 'dir' else 'file'}")
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: {parent} is a file, so {flag} cannot be created under it")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{path}: {parent} is not writable ({flag})")
+
+
+def _lines(path, tolerate_torn_end=False):
+    """(line number, text) of each line, decoded as UTF-8 one line at a time so a bad byte names its line."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    if raw and raw[0].startswith(b"\xef\xbb\xbf"):  # a BOM from a Windows editor
+        raw[0] = raw[0][3:]
+    for lineno, line in enumerate(raw, 1):
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if tolerate_torn_end and lineno == len(raw):
+                yield lineno, None  # a write cut inside a multi-byte character
+                return
+            raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+
+
 def read_jsonl_lines(path) -> list:
-    """(line number, row) for each non-blank line of a JSONL file; a malformed line or a non-object row
-    raises ValueError naming file:line."""
+    """(line number, row) for each non-blank line of a JSONL file; a missing file, a non-UTF-8 byte, a
+    malformed line or a non-object row raises an error naming file:line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            out.append((lineno, row))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        out.append((lineno, row))
     return out
 
 
@@ -60,19 +105,23 @@ def read_jsonl_tolerant(path) -> list:
     that line is cut from the file (it will be regenerated); any other malformed line is an error."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = list(_lines(path, tolerate_torn_end=True))
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+    for lineno, line in lines:
+        if line is not None and not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            if line is None:
+                raise json.JSONDecodeError("torn UTF-8", "", 0)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if lineno == len(lines):  # last line with no trailing newline: a torn write
                 atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 break
             raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

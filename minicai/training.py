@@ -4,7 +4,16 @@
   vectors (biases, norm gains) do not, the usual GPT-2/nanoGPT split.
 - Learning rate: linear warmup to lr over `warmup` steps, then a half cosine down to lr * min_ratio at
   `total` steps (Loshchilov & Hutter, 2017, SGDR, without restarts).
-- check_finite: a NaN/inf loss or gradient norm stops training with the step that produced it.
+- DivergenceGuard: stops a run (DivergenceError, naming the step and the measure) on a NaN/inf loss or
+  gradient norm, a gradient norm of exactly 0 (a saturated or dead model learns nothing more), a loss at or
+  above the uniform-prediction loss (ln V for a language model, ln 2 for a pairwise loss) once a smoothed
+  loss (EMA, 0.9) has been clearly below it (under half of it: a fine-tune starting near uniform from a random
+  model is not diverging), or a loss over --max-loss-jump x the EMA (floored at a tenth of the uniform or the
+  first loss, so a run that has fit its data to ~0 may still see a harder batch). Checkpoints go through it:
+  a saved state is staged and promoted into state/ only when the next step's loss and gradients, the first
+  measures of the saved weights, pass; so a stopped run leaves the last good state, never the diverged one.
+- start_run: after every input was validated, decide fresh vs --resume; a fresh run over an earlier one
+  refuses unless --overwrite, which moves the old state and logs to RUN_DIR.previous (one generation kept).
 - Training-state checkpoints that resume bit-for-bit: trainable weights, AdamW moments, the step, every
   RNG state and the data-order position, in one directory written atomically. Nothing is pickled: tensors
   (weights, AdamW moments, torch RNG states, which are uint8 tensors) go to safetensors, scalars and the
@@ -25,16 +34,18 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minicai.checkpoint import atomic_dir
-from minicai.io import append_jsonl, atomic_write, read_jsonl_tolerant
+from minicai.checkpoint import clean_stale, promote_dir, stage_dir, verify_file
+from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 
-__all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_state", "load_state",
-           "append_jsonl", "truncate_log", "plot_losses", "trainable_named_parameters"]
+__all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_state", "load_state", "DivergenceGuard",
+           "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
+           "trainable_named_parameters"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -82,6 +93,114 @@ def check_finite(step, **values) -> None:
                                      f"data, or resume from the last saved state)")
 
 
+class DivergenceError(FloatingPointError):
+    """The run diverged; the message names the step and the measure."""
+
+
+class DivergenceGuard:
+    """check(step, loss, grad_norm) after each backward (see the module docstring), and save(...) instead of
+    save_state: the staged state is promoted when the next check passes, or by `with guard:` on any exit
+    other than a divergence (an interrupt or a crash says nothing against the saved weights)."""
+
+    def __init__(self, state_dir, uniform_loss=None, max_jump=10.0, ema=0.9):
+        self.state_dir, self.uniform, self.max_jump, self.beta = state_dir, uniform_loss, max_jump, ema
+        self.avg = self.first = None
+        self.armed, self.pending = False, None
+
+    def check(self, step, loss, grad_norm) -> None:
+        loss, grad_norm = float(loss), float(grad_norm)
+        check_finite(step, loss=loss, grad_norm=grad_norm)
+        hint = "; stopping (lower the learning rate or check the data; the last good state is kept)"
+        if grad_norm == 0:
+            raise DivergenceError(f"step {step}: gradient norm is exactly 0 (loss {loss:.4g}): the model no longer "
+                                  f"learns (saturated or collapsed){hint}")
+        if self.armed and loss >= self.uniform:
+            raise DivergenceError(f"step {step}: loss {loss:.4f} is at or above the uniform-prediction loss "
+                                  f"{self.uniform:.4f} after the run had been well below it (smoothed {self.avg:.4f}){hint}")
+        self.first = loss if self.first is None else self.first
+        floor = 0.1 * (self.uniform if self.uniform is not None else self.first)
+        if self.max_jump and self.avg is not None and loss > self.max_jump * max(self.avg, floor):
+            raise DivergenceError(f"step {step}: loss {loss:.4g} jumped over --max-loss-jump {self.max_jump:g} x "
+                                  f"its recent average {self.avg:.4g}{hint}")
+        self.avg = loss if self.avg is None else self.beta * self.avg + (1 - self.beta) * loss
+        self.armed = self.armed or (self.uniform is not None and self.avg < 0.5 * self.uniform)
+        self.promote()
+
+    def save(self, model, optimizer, step, data_position=None, extra=None, final=False) -> None:
+        self.discard()
+        extra = {**(extra or {}), "guard": {"avg": self.avg, "first": self.first, "armed": self.armed}}
+        self.pending = save_state(self.state_dir, model, optimizer, step, data_position, extra, promote=False)
+        if final:
+            self.promote()
+
+    def restore(self, meta) -> None:
+        g = meta.get("extra", {}).get("guard") or {}
+        self.avg, self.first, self.armed = g.get("avg"), g.get("first"), bool(g.get("armed"))
+
+    def promote(self) -> None:
+        if self.pending:
+            promote_dir(self.pending, self.state_dir)
+            self.pending = None
+
+    def discard(self) -> None:
+        if self.pending:
+            shutil.rmtree(self.pending, ignore_errors=True)
+            self.pending = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        self.discard() if isinstance(exc, DivergenceError) else self.promote()
+        return False
+
+
+# ----------------------------------------------------------------------------- run folders and flags
+
+def check_flags(args, **kinds) -> None:
+    """Range checks by kind: check_flags(args, pos="lr beta", ge1="batch_size", ...); None values pass."""
+    rules = {"pos": (lambda v: v > 0, "> 0"), "nonneg": (lambda v: v >= 0, ">= 0"), "ge1": (lambda v: v >= 1, ">= 1"),
+             "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"), "unit_open": (lambda v: 0 <= v < 1, "in [0, 1)")}
+    for kind, names in kinds.items():
+        ok, desc = rules[kind]
+        for name in names.split():
+            v = getattr(args, name)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {desc}, got {v}")
+
+
+def start_run(run_dir, args, logs=(), outputs=()) -> bool:
+    """Call once every input has been read and validated. Returns True when resuming RUN_DIR/state (--resume
+    and a saved state there; the settings must match). Otherwise the run is fresh: an earlier run's state or
+    logs there, or an existing non-empty output, make it refuse unless --overwrite, which moves the state and
+    logs to RUN_DIR.previous. Stale *.partial-* folders of killed saves are removed."""
+    for path in (run_dir, *outputs):
+        check_output_path(path, "dir", "--run-dir" if path == run_dir else "--out")
+    state_dir = os.path.join(run_dir, "state")
+    clean_stale(state_dir)
+    resume = getattr(args, "resume", False)
+    if resume and os.path.exists(os.path.join(state_dir, "state.json")):
+        check_resume_args(run_dir, args)
+        return True
+    logs = [p for p in (os.path.join(run_dir, n) for n in logs) if os.path.exists(p)]
+    earlier = [p for p in (state_dir, *outputs) if os.path.isdir(p) and os.listdir(p)] + ([] if resume else logs)
+    if earlier and not getattr(args, "overwrite", False):
+        raise ValueError(f"{earlier[0]}: exists from an earlier run; pass --resume to continue it or --overwrite "
+                         f"to start over (the old state and logs are then moved to {run_dir.rstrip('/')}.previous)")
+    if resume:  # --resume with no saved state: what the logs hold are steps never saved
+        for p in logs:
+            os.remove(p)
+    moved = [p for p in earlier if p not in outputs]
+    if moved:
+        aside = run_dir.rstrip("/") + ".previous"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.makedirs(aside)
+        for p in moved:
+            os.replace(p, os.path.join(aside, os.path.basename(p)))
+        print(f"minicai: --overwrite: moved the earlier run's {', '.join(map(os.path.basename, moved))} to {aside}")
+    return False
+
+
 # ----------------------------------------------------------------------------- training state
 
 def _rng_state() -> tuple:
@@ -107,9 +226,10 @@ def _set_rng_state(tensors, scalars) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_state(state_dir, model, optimizer, step, data_position=None, extra=None) -> None:
+def save_state(state_dir, model, optimizer, step, data_position=None, extra=None, promote=True):
     """Write everything needed to continue training after optimizer step `step` (atomically: a reader
-    sees the previous complete state or this one, never a mix)."""
+    sees the previous complete state or this one, never a mix). promote=False: return the staged folder
+    for checkpoint.promote_dir (DivergenceGuard promotes it once the saved weights passed a check)."""
     named = trainable_named_parameters(model)
     weights = {n: p.detach().contiguous().cpu() for n, p in named}
     osd = optimizer.state_dict()
@@ -134,7 +254,18 @@ def save_state(state_dir, model, optimizer, step, data_position=None, extra=None
         for name in os.listdir(tmp):  # safetensors creates files 0600
             os.chmod(os.path.join(tmp, name), 0o644)
 
-    atomic_dir(state_dir, write)
+    tmp = stage_dir(state_dir, write)
+    if not promote:
+        return tmp
+    promote_dir(tmp, state_dir)
+
+
+def _load_tensors(path) -> dict:
+    verify_file(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types, naming no file
+        raise ValueError(f"{path}: unreadable safetensors file ({e}); resume from an earlier copy or start over") from None
 
 
 def load_state(state_dir, model, optimizer) -> dict:
@@ -143,27 +274,30 @@ def load_state(state_dir, model, optimizer) -> dict:
     path = os.path.join(state_dir, "state.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (not a training-state directory)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable state ({e})") from None
     named = trainable_named_parameters(model)
     names = [n for n, _ in named]
     if names != meta["param_names"]:
         diff = sorted(set(names) ^ set(meta["param_names"]))[:5]
         raise ValueError(f"{state_dir}: trainable parameters differ from the saved run (e.g. {diff}); "
                          f"resume with the same model and LoRA settings")
-    weights = load_file(os.path.join(state_dir, "weights.safetensors"))
+    weights = _load_tensors(os.path.join(state_dir, "weights.safetensors"))
     with torch.no_grad():
         for n, p in named:
             if weights[n].shape != p.shape:
                 raise ValueError(f"{state_dir}: {n} has shape {tuple(weights[n].shape)}, model has {tuple(p.shape)}")
             p.copy_(weights[n])
-    tensors = load_file(os.path.join(state_dir, "optimizer.safetensors"))
+    tensors = _load_tensors(os.path.join(state_dir, "optimizer.safetensors"))
     state = {}
     for key, v in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    _set_rng_state(load_file(os.path.join(state_dir, "rng.safetensors")), meta["rng"])
+    _set_rng_state(_load_tensors(os.path.join(state_dir, "rng.safetensors")), meta["rng"])
     return meta
 
 
@@ -204,7 +338,15 @@ def plot_losses(rows, png_path, keys=("loss",), title=None) -> None:
 
 
 # flags that may differ on --resume without changing the run
-RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device"}
+RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device", "overwrite", "max_loss_jump"}
+
+
+def add_run_flags(parser) -> None:
+    """--overwrite and --max-loss-jump, which every trainer takes."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh over an earlier run in the same folder (its state and logs move to RUN_DIR.previous)")
+    parser.add_argument("--max-loss-jump", type=float, default=10.0,
+                        help="stop when a step's loss exceeds this x its recent average (0 = off)")
 
 
 def micro_batches(n, batch_size, seed, position):

@@ -73,7 +73,7 @@ def test_special_ids_and_overwrite(tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("from an older save")
     minicai.save_pretrained(model, None, out, extra_files={"README.md": "hello"})
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "checksums.sha256", "config.json", "model.safetensors"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["bos_token_id"] == 1 and saved["eos_token_id"] == 2 and "pad_token_id" not in saved
 

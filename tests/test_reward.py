@@ -161,6 +161,9 @@ def test_load_reward_model_errors(tmp_path, tok):
     tensors["score.weight"] = torch.zeros(2, 16)
     from safetensors.torch import save_file
     save_file(tensors, os.path.join(out, "model.safetensors"))
+    with pytest.raises(ValueError, match="content hash does not match"):  # the edit is caught by the hash
+        load_reward_model(out)
+    os.remove(os.path.join(out, "checksums.sha256"))  # without the sidecar the shape check names the tensor
     with pytest.raises(ValueError, match="score.weight has shape"):
         load_reward_model(out)
 

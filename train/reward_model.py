@@ -30,8 +30,9 @@ Outputs: --out gets the reward model in transformers' *ForSequenceClassification
 (minicai.reward.save_reward_model; load it with minicai.reward.load_reward_model), with reward_metrics.json,
 train_log.jsonl, training_args.json and loss.png beside the weights. --run-dir (default OUT.run) holds the
 live log, plot and the training state (minicai.training), saved atomically every --save-every steps;
---resume continues from it and reproduces the uninterrupted run exactly. A NaN/inf loss or gradient norm
-stops the run (the last saved state stays good).
+--resume continues from it and reproduces the uninterrupted run exactly. Every input is read and checked
+before anything is written; a fresh run over an earlier one needs --overwrite. A diverging run (NaN/inf,
+zero gradient, loss back at ln 2, a loss jump) stops and keeps the last good state (training.DivergenceGuard).
 
     python -m train.reward_model --data runs/prefs.jsonl --model runs/sft --out runs/rm --epochs 2
 """
@@ -43,12 +44,13 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from minicai import training
-from minicai.checkpoint import resolve_path
+from minicai.checkpoint import resolve_device, resolve_path
 from minicai.constitution import as_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl_lines
 from minicai.losses import bradley_terry_loss
@@ -87,6 +89,7 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--dtype", default="float32", help="dtype of the trained weights (bf16 autocast is used on CUDA)")
 parser.add_argument("--no-autocast", action="store_true", help="disable bf16 autocast on CUDA")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
+training.add_run_flags(parser)
 
 
 # ----------------------------------------------------------------------------- data
@@ -223,20 +226,54 @@ def describe(m) -> str:
 
 # ----------------------------------------------------------------------------- training
 
+def train_loop(c, step, position) -> tuple:
+    """The guarded training loop; c holds main's locals. Returns (step, data position) at the end."""
+    with c.guard:
+        while step < c.total:
+            lr = training.lr_at(step, lr=c.args.lr, warmup=c.warmup, total=c.total, min_ratio=c.args.min_lr_ratio)
+            training.set_lr(c.optimizer, lr)
+            micro = []
+            for _ in range(c.args.grad_accum):
+                idx, position = next(c.batches)
+                micro.append([c.train[i] for i in idx])
+            n_pairs = sum(map(len, micro))
+            loss_value = correct = margin_sum = 0.0
+            for mb in micro:
+                rc, rr = pair_rewards(c.rm, mb, c.pad_id, c.args.padding, c.autocast)
+                margin, soft = pair_targets(mb, c.args.margin, c.args.soft_labels, c.device)
+                loss, metrics = bradley_terry_loss(rc, rr, margin=margin, soft_labels=soft)
+                loss = loss * (len(mb) / n_pairs)  # the step's loss is the mean over all its pairs
+                loss.backward()
+                loss_value += loss.item()
+                correct += float(metrics["accuracy"]) * len(mb)
+                margin_sum += float(metrics["reward_margin"]) * len(mb)
+            grad_norm = torch.nn.utils.clip_grad_norm_(c.params, c.args.grad_clip if c.args.grad_clip > 0 else float("inf"))
+            c.guard.check(step + 1, loss_value, grad_norm)
+            c.optimizer.step()
+            c.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            row = {"step": step, "loss": loss_value, "accuracy": correct / n_pairs, "margin": margin_sum / n_pairs,
+                   "lr": lr, "grad_norm": float(grad_norm), "pairs": n_pairs,
+                   "epoch": position["epoch"] + position["batch"] / math.ceil(len(c.train) / c.args.batch_size),
+                   "elapsed_s": round(time.time() - c.t0, 3)}
+            if c.held and c.args.eval_every and step % c.args.eval_every == 0 and step < c.total:
+                row.update({f"eval_{k}": v for k, v in evaluate(c.rm, c.held, c.args.batch_size, c.pad_id, c.args.padding, c.autocast).items()})
+            append_jsonl(c.log_path, row)
+            c.bar.update(1)
+            c.bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{row['accuracy']:.2f}")
+            if c.args.save_every and step % c.args.save_every == 0 and step < c.total:
+                c.guard.save(c.rm, c.optimizer, step, position, c.extra)
+    return step, position
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.grad_accum < 1:
-        raise ValueError("--batch-size and --grad-accum must be >= 1")
+    training.check_flags(args, ge1="batch_size grad_accum max_len", pos="epochs lr", unit="min_lr_ratio",
+                         nonneg="max_steps save_every eval_every weight_decay grad_clip margin max_loss_jump",
+                         unit_open="warmup_ratio eval_frac")
     run_dir = args.run_dir or args.out.rstrip("/") + ".run"
     state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
-    resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
-    if resuming:
-        training.check_resume_args(run_dir, args)
-    elif os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
-
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(resolve_path(args.model))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{args.model}: the tokenizer has no eos_token (the reward is read at the EOS)")
@@ -246,12 +283,15 @@ def main(argv=None):
         extra_sets[path] = encode_pairs(tokenizer, read_pairs(path)[0], args.max_len)[0]
         if not extra_sets[path]:
             raise ValueError(f"{path}: no usable pairs for --extra-eval")
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
     torch.manual_seed(args.seed)  # the head's initialisation
     rm = load_reward_model(args.model, dtype=args.dtype, device=device, init_from_lm=True)
     rm.trunk.gradient_checkpointing = args.gradient_checkpointing
     rm.train()
     optimizer = training.make_optimizer(rm, args.lr, args.weight_decay)
     params = [p for _, p in training.trainable_named_parameters(rm)]
+    guard = training.DivergenceGuard(state_dir, math.log(2), args.max_loss_jump)
     use_autocast = device.type == "cuda" and not args.no_autocast
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -263,6 +303,7 @@ def main(argv=None):
     if resuming:
         meta = training.load_state(state_dir, rm, optimizer)
         step, position, extra = meta["step"], meta["data_position"], meta["extra"]
+        guard.restore(meta)
         if extra.get("n_train") != len(train) or extra.get("n_eval") != len(held):
             raise ValueError(f"{state_dir}: the saved run had {extra.get('n_train')} training / {extra.get('n_eval')} "
                              f"held-out pairs, the data now gives {len(train)} / {len(held)}: --resume needs the same data")
@@ -283,44 +324,10 @@ def main(argv=None):
     batches = training.micro_batches(len(train), args.batch_size, args.seed, position)
     bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
     t0 = time.time()
-    while step < total:
-        lr = training.lr_at(step, lr=args.lr, warmup=warmup, total=total, min_ratio=args.min_lr_ratio)
-        training.set_lr(optimizer, lr)
-        micro = []
-        for _ in range(args.grad_accum):
-            idx, position = next(batches)
-            micro.append([train[i] for i in idx])
-        n_pairs = sum(map(len, micro))
-        loss_value = correct = margin_sum = 0.0
-        for mb in micro:
-            rc, rr = pair_rewards(rm, mb, pad_id, args.padding, autocast)
-            margin, soft = pair_targets(mb, args.margin, args.soft_labels, device)
-            loss, metrics = bradley_terry_loss(rc, rr, margin=margin, soft_labels=soft)
-            loss = loss * (len(mb) / n_pairs)  # the step's loss is the mean over all its pairs
-            loss.backward()
-            loss_value += loss.item()
-            correct += float(metrics["accuracy"]) * len(mb)
-            margin_sum += float(metrics["reward_margin"]) * len(mb)
-        training.check_finite(step + 1, loss=loss_value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        training.check_finite(step + 1, grad_norm=grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        row = {"step": step, "loss": loss_value, "accuracy": correct / n_pairs, "margin": margin_sum / n_pairs,
-               "lr": lr, "grad_norm": float(grad_norm), "pairs": n_pairs,
-               "epoch": position["epoch"] + position["batch"] / math.ceil(len(train) / args.batch_size),
-               "elapsed_s": round(time.time() - t0, 3)}
-        if held and args.eval_every and step % args.eval_every == 0 and step < total:
-            row.update({f"eval_{k}": v for k, v in evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast).items()})
-        append_jsonl(log_path, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{row['accuracy']:.2f}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            training.save_state(state_dir, rm, optimizer, step, position, extra)
+    step, position = train_loop(SimpleNamespace(**locals()), step, position)
     bar.close()
 
-    training.save_state(state_dir, rm, optimizer, step, position, extra)  # --resume after the end is a no-op
+    guard.save(rm, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
     rm.eval()
     after = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
     rows = training.truncate_log(log_path, step)

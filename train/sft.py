@@ -17,7 +17,9 @@ file:line; a row with an empty response, or longer than --max-len tokens, is ski
 Outputs: --out gets an HF-format checkpoint (LoRA merged), with train_log.jsonl, training_args.json and
 loss.png beside the weights. --run-dir (default OUT.run) holds the live log, plot and the training state,
 saved atomically every --save-every steps; --resume continues from it and reproduces the uninterrupted
-run's losses and weights exactly (same data order, optimizer moments and RNG states).
+run's losses and weights exactly (same data order, optimizer moments and RNG states). Every input is read
+and checked before anything is written; a fresh run over an earlier one needs --overwrite. A diverging
+run stops with the step and the measure and keeps the last good state (minicai.training.DivergenceGuard).
 
     python -m train.sft --data runs/revisions.jsonl --out runs/sft --max-steps 40
 """
@@ -25,15 +27,15 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import load_pretrained, save_pretrained
+from minicai.checkpoint import load_pretrained, resolve_device, save_pretrained
 from minicai.io import append_jsonl, atomic_write
 from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
@@ -77,6 +79,7 @@ parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto
                     help="bf16 autocast of the forward: auto = on for CUDA, off on CPU (bf16 also works on CPUs "
                          "with AVX512-BF16/AMX, about 2x faster there)")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
+training.add_run_flags(parser)
 
 # Arguments that may change between a run and its --resume; every other one must match.
 def batch_loss(model, batch, n_tokens, autocast=nullcontext):
@@ -89,10 +92,7 @@ def batch_loss(model, batch, n_tokens, autocast=nullcontext):
                               reduction="sum") / n_tokens
 
 
-def load_data(args, tokenizer):
-    rows = []
-    for path in list(args.data) + list(args.mix):
-        rows += read_sft_rows(path)
+def load_data(args, tokenizer, rows):
     examples, skipped = build_examples(tokenizer, rows, args.max_len)
     print(f"sft: {len(rows)} rows from {len(args.data) + len(args.mix)} file(s); skipped {skipped['empty']} "
           f"with an empty response and {skipped['too_long']} longer than --max-len={args.max_len} tokens")
@@ -101,28 +101,56 @@ def load_data(args, tokenizer):
     return examples
 
 
+def train_step(c, step):
+    """One optimizer step (grad-accum micro-batches), guarded, logged and checkpointed; c holds the run's
+    objects (main's locals). Returns (step, data position)."""
+    model, optimizer, examples, args = c.model, c.optimizer, c.examples, c.args
+    lr = training.lr_at(step, lr=args.lr, warmup=c.warmup, total=c.total, min_ratio=args.min_lr_ratio)
+    training.set_lr(optimizer, lr)
+    micro = []
+    for _ in range(args.grad_accum):
+        idx, position = next(c.batches)
+        micro.append(collate([examples[i] for i in idx], c.pad_id))
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # the step's loss tokens
+    loss_value = 0.0
+    for b in micro:
+        b = {k: v.to(c.device) for k, v in b.items()}
+        loss = batch_loss(model, b, max(n_tokens, 1), c.autocast)
+        loss.backward()
+        loss_value += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(c.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    c.guard.check(step + 1, loss_value, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+           "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
+           "elapsed_s": round(time.time() - c.t0, 3)}
+    append_jsonl(c.log_path, row)
+    c.bar.update(1)
+    c.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    if args.save_every and step % args.save_every == 0 and step < c.total:
+        c.guard.save(model, optimizer, step, position, c.extra)
+    return step, position
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.grad_accum < 1:
-        raise ValueError("--batch-size and --grad-accum must be >= 1")
     lora = args.lora_rank > 0
     if args.lr is None:
         args.lr = 2e-4 if lora else 2e-5
+    training.check_flags(args, ge1="batch_size grad_accum max_len", pos="epochs lr lora_alpha", unit="min_lr_ratio",
+                         nonneg="max_steps save_every weight_decay grad_clip lora_rank max_loss_jump",
+                         unit_open="warmup_ratio lora_dropout")
     run_dir = args.run_dir or args.out.rstrip("/") + ".run"
     state_dir, log_path, png_path = (os.path.join(run_dir, n) for n in ("state", "train_log.jsonl", "loss.png"))
-    resuming = args.resume and os.path.exists(os.path.join(state_dir, "state.json"))
-    if resuming:
-        training.check_resume_args(run_dir, args)
-    else:  # a fresh run: forget any earlier run's state and log in this run dir
-        shutil.rmtree(state_dir, ignore_errors=True)
-        if os.path.exists(log_path):
-            os.remove(log_path)
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
-
+    device = resolve_device(args.device)
+    rows = [r for path in [*args.data, *args.mix] for r in read_sft_rows(path)]  # every input checked first
     torch.manual_seed(args.seed)  # LoRA's A initialisation
-    device = torch.device(args.device)
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
-    examples = load_data(args, tokenizer)
+    examples = load_data(args, tokenizer, rows)
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
     if lora:
         wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
                              dropout=args.lora_dropout)
@@ -133,6 +161,7 @@ def main(argv=None):
     model.train()
     optimizer = training.make_optimizer(model, args.lr, args.weight_decay)
     params = [p for _, p in training.trainable_named_parameters(model)]
+    guard = training.DivergenceGuard(state_dir, math.log(model.config.vocab_size), args.max_loss_jump)
 
     per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / args.grad_accum)
     total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
@@ -142,6 +171,7 @@ def main(argv=None):
     if resuming:
         meta = training.load_state(state_dir, model, optimizer)
         step, position = meta["step"], meta["data_position"]
+        guard.restore(meta)
         if meta["extra"].get("n_examples") != len(examples):
             raise ValueError(f"{state_dir}: the saved run had {meta['extra'].get('n_examples')} examples, the data "
                              f"now gives {len(examples)}: --resume needs the same data")
@@ -154,37 +184,12 @@ def main(argv=None):
     batches = training.micro_batches(len(examples), args.batch_size, args.seed, position)
     bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
     t0 = time.time()
-    while step < total:
-        lr = training.lr_at(step, lr=args.lr, warmup=warmup, total=total, min_ratio=args.min_lr_ratio)
-        training.set_lr(optimizer, lr)
-        micro = []
-        for _ in range(args.grad_accum):
-            idx, position = next(batches)
-            micro.append(collate([examples[i] for i in idx], pad_id))
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # the step's loss tokens
-        loss_value = 0.0
-        for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            loss = batch_loss(model, b, max(n_tokens, 1), autocast)
-            loss.backward()
-            loss_value += loss.item()
-        training.check_finite(step + 1, loss=loss_value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        training.check_finite(step + 1, grad_norm=grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
-               "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
-               "elapsed_s": round(time.time() - t0, 3)}
-        append_jsonl(log_path, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            training.save_state(state_dir, model, optimizer, step, position, extra)
+    with guard:
+        while step < total:
+            step, position = train_step(SimpleNamespace(**locals()), step)
     bar.close()
 
-    training.save_state(state_dir, model, optimizer, step, position, extra)  # --resume after the end is a no-op
+    guard.save(model, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
     rows = training.truncate_log(log_path, step)
     training.plot_losses(rows, png_path, title=f"SFT loss ({os.path.basename(args.out.rstrip('/'))})")
     if lora:
