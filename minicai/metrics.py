@@ -32,7 +32,8 @@ def wilson_interval(k, n, z: float = 1.959964) -> tuple:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p; clamping to it also drops the 1e-17 rounding residue at k = 0 and k = n
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def rate(k, n, z: float = 1.959964) -> dict:

