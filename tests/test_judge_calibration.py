@@ -186,4 +186,4 @@ def test_reference_answers_cover_every_benign_prompt():
         f, ln = src.rsplit(":", 1)
         row = dict(read_jsonl_lines(f"data/eval/{f}"))[int(ln)]
         assert r["prompt"] == row["prompt"], src
-        assert 1 <= r["reference"].count(". ") + 1 and 40 <= len(r["reference"]) <= 1000, src
+        assert 60 <= len(r["reference"]) <= 1000 and r["reference"] == r["reference"].strip(), src
