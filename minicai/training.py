@@ -160,7 +160,8 @@ class DivergenceGuard:
 def check_flags(args, **kinds) -> None:
     """Range checks by kind: check_flags(args, pos="lr beta", ge1="batch_size", ...); None values pass."""
     rules = {"pos": (lambda v: v > 0, "> 0"), "nonneg": (lambda v: v >= 0, ">= 0"), "ge1": (lambda v: v >= 1, ">= 1"),
-             "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"), "unit_open": (lambda v: 0 <= v < 1, "in [0, 1)")}
+             "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"), "unit_open": (lambda v: 0 <= v < 1, "in [0, 1)"),
+             "half": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]")}
     for kind, names in kinds.items():
         ok, desc = rules[kind]
         for name in names.split():
@@ -169,13 +170,13 @@ def check_flags(args, **kinds) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be {desc}, got {v}")
 
 
-def start_run(run_dir, args, logs=(), outputs=()) -> bool:
+def start_run(run_dir, args, logs=(), outputs=(), run_flag="--run-dir") -> bool:
     """Call once every input has been read and validated. Returns True when resuming RUN_DIR/state (--resume
     and a saved state there; the settings must match). Otherwise the run is fresh: an earlier run's state or
     logs there, or an existing non-empty output, make it refuse unless --overwrite, which moves the state and
     logs to RUN_DIR.previous. Stale *.partial-* folders of killed saves are removed."""
     for path in (run_dir, *outputs):
-        check_output_path(path, "dir", "--run-dir" if path == run_dir else "--out")
+        check_output_path(path, "dir", run_flag if path == run_dir else "--out")
     state_dir = os.path.join(run_dir, "state")
     clean_stale(state_dir)
     resume = getattr(args, "resume", False)

@@ -28,7 +28,9 @@ Choices:
 - --nll-weight w adds w x the mean per-token NLL of the chosen completions (RPO, Pang et al. 2024).
 - A held-out split (--eval-frac) is scored before and after training: implicit reward margin
   beta (delta_policy - delta_ref), accuracy, loss, and the policy's own log-prob margin.
-- Deterministic given --seed (split, epoch order); resumable at step boundaries (--resume).
+- Deterministic given --seed (split, epoch order); resumable at step boundaries (--resume). Inputs are all
+  checked before anything is written; a fresh run over an earlier one in --out needs --overwrite; a diverging
+  run stops and keeps the last good state (minicai.training.DivergenceGuard).
 
     python -m train.dpo --model runs/sft --data prefs.jsonl --out runs/dpo --epochs 1
 """
@@ -44,14 +46,15 @@ import time
 import torch
 from safetensors.torch import load_file, save
 
-from minicai.checkpoint import load_model, resolve_path, save_pretrained
+from minicai import training
+from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
 from minicai.constitution import as_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl
 from minicai.losses import dpo_loss
 from minicai.rl import collate, completion_text, jsonl_with_lines, peak_memory_mb, sequence_logprobs
 from minicai.sft_data import encode_example
 from minicai.tokenizer import load_tokenizer
-from minicai.training import check_finite, load_state, lr_at, make_optimizer, plot_losses, save_state, truncate_log
+from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
@@ -84,6 +87,7 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the split and t
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: %(default)s)")
 parser.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
 parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+training.add_run_flags(parser)
 
 
 # ----------------------------------------------------------------------------- data
@@ -203,7 +207,7 @@ def batch_rows(n, batch_size, seed, step, steps_per_epoch) -> list:
     return order[k * batch_size:(k + 1) * batch_size]
 
 
-def train_step(model, opt, pairs, ref, rows, pad_id, args, step) -> dict:
+def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard) -> dict:
     n_pairs = len(rows)
     n_chosen_tokens = sum(len(pairs[i]["chosen"]) for i in rows)
     sums = {}
@@ -228,7 +232,7 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step) -> dict:
             sums[k] = sums.get(k, 0.0) + v.detach()
     params = [p for g in opt.param_groups for p in g["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    check_finite(step, loss=sums["loss"], grad_norm=gnorm)
+    guard.check(step + 1, sums["loss"], gnorm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     out = {k: float(v) for k, v in sums.items()}
@@ -238,15 +242,15 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step) -> dict:
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.save_every < 1:
-        raise ValueError("--epochs, --batch-size and --save-every must be >= 1")
+    training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens", pos="lr beta",
+                         nonneg="micro_batch_size warmup weight_decay grad_clip nll_weight stop_after lora_rank max_loss_jump",
+                         unit="lr_min_ratio", unit_open="eval_frac", half="label_smoothing")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     if args.use_soft_labels and args.label_smoothing:
         raise ValueError("give --label-smoothing or --use-soft-labels, not both")
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    resolve_device(args.device)
     log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
-
     path = resolve_path(args.model)
     tok = load_tokenizer(path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -258,6 +262,11 @@ def main(argv=None):
     train_pairs, eval_pairs = split(pairs, args.eval_frac, args.seed)
     if not train_pairs:
         raise ValueError(f"{args.data}: no usable preference pairs")
+    resuming = training.start_run(args.out, args, logs=("log.jsonl", "eval_before.json", "eval.json", "curves.png"),
+                                  outputs=(os.path.join(args.out, "final"),), run_flag="--out")
+    os.makedirs(args.out, exist_ok=True)
+    guard = training.DivergenceGuard(state_dir, math.log(2) if args.loss == "sigmoid" and not args.nll_weight else None,
+                                     args.max_loss_jump)
 
     model = load_model(path, dtype=getattr(torch, args.dtype), device=args.device)
     model.gradient_checkpointing = args.grad_checkpoint
@@ -286,13 +295,13 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total = args.epochs * steps_per_epoch
     start = 0
-    if args.resume and os.path.exists(os.path.join(state_dir, "state.json")):
-        start = load_state(state_dir, model, opt)["step"]
+    if resuming:
+        meta = load_state(state_dir, model, opt)
+        start = meta["step"]
+        guard.restore(meta)
         truncate_log(log_path, start)
         print(f"dpo: resumed from {state_dir} at step {start}")
     else:
-        if os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh log
         before = evaluate(model, eval_pairs, ref["eval"], pad_id, args)
         atomic_write(os.path.join(args.out, "eval_before.json"), json.dumps(before, indent=2))
     if eval_pairs:
@@ -302,24 +311,25 @@ def main(argv=None):
 
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
-    for step in range(start, end):
-        lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.lr_min_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = batch_rows(len(train_pairs), args.batch_size, args.seed, step, steps_per_epoch)
-        t0 = time.perf_counter()
-        m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step)
-        dt = time.perf_counter() - t0
-        n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
-        m.update(step=step + 1, epoch=step / steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
-                 peak_mem_mb=peak_memory_mb(args.device))
-        append_jsonl(log_path, m)
-        print(f"step {step + 1:4d}/{total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
-              f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
-              f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
-              flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == end:
-            save_state(state_dir, model, opt, step + 1)
+    with guard:
+        for step in range(start, end):
+            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.lr_min_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            rows = batch_rows(len(train_pairs), args.batch_size, args.seed, step, steps_per_epoch)
+            t0 = time.perf_counter()
+            m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step, guard)
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
+            m.update(step=step + 1, epoch=step / steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
+                     peak_mem_mb=peak_memory_mb(args.device))
+            append_jsonl(log_path, m)
+            print(f"step {step + 1:4d}/{total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
+                  f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
+                  f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
+                  flush=True)
+            if (step + 1) % args.save_every == 0 or step + 1 == end:
+                guard.save(model, opt, step + 1, final=step + 1 == end)
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
     if rows:
@@ -348,6 +358,6 @@ def _fmt(e):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"train.dpo: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,9 @@ Choices:
 - A response that hits --max-new-tokens without EOS gets --no-eos-penalty subtracted from its score.
 - Deterministic given --seed: prompt order, sampling seeds and minibatch order are functions of the step,
   so a resumed run continues exactly like an uninterrupted one (training state every --save-every steps).
+- Inputs are all checked before anything is written; a fresh run over an earlier one in --out needs
+  --overwrite. A NaN/inf or exactly-zero gradient norm stops the run and keeps the last good state
+  (minicai.training.DivergenceGuard; the PPO loss has no uniform level, so the loss rules are off).
 
     python -m train.ppo --model runs/sft --reward-model runs/rm --out runs/ppo --steps 200
 """
@@ -33,14 +36,15 @@ import torch
 import torch.nn as nn
 
 from minicai import generate
-from minicai.checkpoint import load_model, resolve_path, save_pretrained
+from minicai import training
+from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
 from minicai.io import append_jsonl, read_jsonl
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.rl import (ValueHead, collate, load_prompts, peak_memory_mb, response_logprobs, score_sequences,
                         select_rows)
 from minicai.tokenizer import load_tokenizer
-from minicai.training import check_finite, load_state, lr_at, make_optimizer, plot_losses, save_state, truncate_log
+from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="default", help="initial policy and reference (the SL-CAI / SFT checkpoint)")
@@ -79,6 +83,7 @@ parser.add_argument("--seed", type=int, default=0, help="seed of prompt order, s
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
 parser.add_argument("--dtype", default="float32", help="dtype of policy, reference and reward model (float32 or bfloat16)")
 parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+parser.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in --out (its state and logs move to OUT.previous)")
 
 
 def step_seed(seed, step, salt):
@@ -104,7 +109,7 @@ def scatter_rows(full, rows, part):
     full[torch.as_tensor(rows, device=full.device), :part.shape[1]] = part.to(full.dtype)
 
 
-def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args):
+def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args, guard):
     """One rollout batch + its PPO update. Returns (metrics, sample completions)."""
     dev, pad = args.device, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     idx = prompt_indices(len(prompts), args.seed, step, args.batch_size)
@@ -172,7 +177,7 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
             loss.backward()
             params = [p for g in opt.param_groups for p in g["params"]]
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            check_finite(step, loss=loss.detach(), grad_norm=gnorm)
+            guard.check(step + 1, loss.detach(), gnorm)
             opt.step()
             stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm.detach(),
                           **pm, **vm})
@@ -214,19 +219,20 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
 def main(argv=None, reward_fn=None):
     """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "save_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    training.check_flags(args, ge1="steps batch_size minibatch_size ppo_epochs max_new_tokens save_every max_prompt_tokens",
+                         pos="temperature lr vf_lr_mult kl_horizon", unit="lr_min_ratio gamma lam",
+                         nonneg="warmup weight_decay grad_clip cliprange cliprange_value vf_coef kl_coef kl_target "
+                                "no_eos_penalty sample_every stop_after")
     if args.minibatch_size > args.batch_size:
         raise ValueError(f"--minibatch-size {args.minibatch_size} > --batch-size {args.batch_size}")
     if args.batch_size < 2:
         raise ValueError("--batch-size must be >= 2 (advantages are whitened over the batch)")
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
+    resolve_device(args.device)
     log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
     samples_path = os.path.join(args.out, "samples.jsonl")
-
+    raw_prompts = load_prompts(args.prompts)  # every input is checked before anything is written
     path = resolve_path(args.model)
     tok = load_tokenizer(path)
     if tok.eos_token_id is None:
@@ -246,7 +252,7 @@ def main(argv=None, reward_fn=None):
 
     ctx = policy.config.max_position_embeddings
     prompts, skipped = [], 0
-    for messages in load_prompts(args.prompts):
+    for messages in raw_prompts:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         if len(ids) > args.max_prompt_tokens or len(ids) + args.max_new_tokens > ctx:
             skipped += 1
@@ -255,6 +261,9 @@ def main(argv=None, reward_fn=None):
     print(f"ppo: {len(prompts)} prompts ({skipped} skipped: longer than --max-prompt-tokens or the context)")
     if len(prompts) < 1:
         raise ValueError("no usable prompts")
+    resuming = training.start_run(args.out, args, logs=("log.jsonl", "samples.jsonl", "curves.png"),
+                                  outputs=(os.path.join(args.out, "final"),), run_flag="--out")
+    guard = training.DivergenceGuard(state_dir, None, 0)
 
     value_head = ValueHead(policy.config.hidden_size).to(args.device)
     trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})  # one module for save/load_state
@@ -263,36 +272,35 @@ def main(argv=None, reward_fn=None):
     kl_ctl = AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
 
     start = 0
-    if args.resume and os.path.exists(os.path.join(state_dir, "state.json")):
+    if resuming:
         meta = load_state(state_dir, trainable, opt)
         start, kl_ctl.value = meta["step"], meta["extra"]["kl_coef"]
         for path in (log_path, samples_path):  # drop rows of steps after the saved state
             truncate_log(path, start)
         print(f"ppo: resumed from {state_dir} at step {start}")
-    else:
-        for path in (log_path, samples_path):  # a fresh run starts fresh logs
-            if os.path.exists(path):
-                os.remove(path)
+    os.makedirs(args.out, exist_ok=True)
 
     end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
-    for step in range(start, end):
-        lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.lr_min_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-        metrics, samples = ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args)
-        append_jsonl(log_path, metrics)
-        print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
-              f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
-              f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
-              f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
-              f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
-              flush=True)
-        if args.sample_every and (step + 1) % args.sample_every == 0:
-            for s in samples:
-                append_jsonl(samples_path, s)
-                print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
-        if (step + 1) % args.save_every == 0 or step + 1 == end:
-            save_state(state_dir, trainable, opt, step + 1, extra={"kl_coef": kl_ctl.value})
+    with guard:
+        for step in range(start, end):
+            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.lr_min_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            metrics, samples = ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args,
+                                        guard)
+            append_jsonl(log_path, metrics)
+            print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
+                  f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
+                  f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
+                  f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
+                  f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
+                  flush=True)
+            if args.sample_every and (step + 1) % args.sample_every == 0:
+                for s in samples:
+                    append_jsonl(samples_path, s)
+                    print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
+            if (step + 1) % args.save_every == 0 or step + 1 == end:
+                guard.save(trainable, opt, step + 1, extra={"kl_coef": kl_ctl.value}, final=step + 1 == end)
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
     if rows:
@@ -307,6 +315,6 @@ def main(argv=None, reward_fn=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"train.ppo: error: {e}", file=sys.stderr)
         sys.exit(2)
