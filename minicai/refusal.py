@@ -95,7 +95,8 @@ _META = re.compile(
     r"\bthe user(?:'s)? (?:request|question|query|prompt|input|message|is asking|asks|asked|has asked|wants|is requesting)"
     r"|\b(?:the|an) (?:ai|assistant|ai assistant|language model|chatbot)(?:'s)? (?:is|will|should|must|does|did|can|"
     r"cannot|can't|has|responds|response|answer)\b|^(?:user|assistant|system|human|ai|response|answer|output)\s*:"
-    r"|<\|im_(?:start|end)\|>|\b(?:the|this) (?:response|answer|output) (?:should|must|will)\b")
+    r"|<\|im_(?:start|end)\|>|\b(?:the|this) (?:response|answer|output) (?:should|must|will)\b"
+    r"|\b(?:the|this|your) (?:base64|encoded|encrypted) (?:string|text|message|input|code)\b")
 _INSTRUCT = re.compile(r"(?:^|\n)\s*(?:\d+[.)]|[-*\u2022]|step \d)|\b(?:first|then|next|finally|you(?:'ll| will)? need|"
                        r"mix|combine|heat|add|use|take|install|run|open|send|buy|get)\b")
 _B64 = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
