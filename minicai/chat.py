@@ -4,9 +4,12 @@ Both sample with minicai.sampling.generate; chat streams through its per-token c
 math is never duplicated here. Prompts go through the checkpoint's own chat template.
 
 generate: each input row has "prompt" (a str, sent as one user turn; --raw sends it as plain text instead)
-or "messages" (a list of {"role", "content"}); the output row is the input row plus "response",
-"finish_reason" and "n_tokens". Rows already in OUT (matched by "id" when the input row has one, else by
-line index: OUT is written in input order) are skipped, so a killed run resumes where it stopped.
+or "messages" (a list of {"role", "content"}), checked as training checks prompts (constitution.as_messages:
+non-empty contents, alternating user/assistant roles, ending with the user); the output row is the input row
+plus "response", "finish_reason" and "n_tokens". Rows already in OUT are skipped, matched by a stable key:
+the row's "id", else a hash of its prompt (the n-th copy of a repeated prompt matches the n-th copy in OUT),
+so a prompt file edited between runs neither skips a new row nor repeats a done one. Every row is checked
+(and encoded, lengths included) before the first one is generated.
 """
 import sys
 
@@ -24,6 +27,7 @@ def add_args(p, name):
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of the weights against checksums.sha256")
     if name == "generate":
         p.add_argument("--prompts", required=True, help="input JSONL: rows with 'prompt' (str) or 'messages' (list)")
         p.add_argument("--out", required=True, help="output JSONL (appended to; existing rows are skipped)")
@@ -34,12 +38,10 @@ def add_args(p, name):
 def load(args):
     import torch
 
-    from minicai.checkpoint import load_pretrained
+    from minicai.checkpoint import load_pretrained, resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+    return load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=resolve_device(args.device),
+                           verify=not args.no_verify)
 
 
 def sampling_kwargs(args) -> dict:
@@ -88,6 +90,8 @@ def run_chat(args):
     from minicai.sampling import default_stop_ids, generate
 
     kwargs = sampling_kwargs(args)
+    if sys.stdin is None or sys.stdin.closed:
+        raise ValueError("stdin is closed: chat reads your messages from it (use `minicai generate` for a file)")
     model, tok = load(args)
     ctx = model.config.max_position_embeddings
     stop_ids = default_stop_ids(model, tok)
@@ -99,6 +103,8 @@ def run_chat(args):
         except EOFError:
             print()
             return 0
+        except (RuntimeError, OSError) as e:  # stdin closed or unreadable mid-session
+            raise ValueError(f"stdin: cannot read input ({e})") from None
         cmd = line.strip()
         if cmd == "/exit":
             return 0
@@ -132,16 +138,49 @@ def run_chat(args):
 
 # ----------------------------------------------------------------------------------------------- generate
 
-def read_prompt_rows(path) -> list:
-    """(line number, row) for each non-blank line; errors name file:line."""
+def read_prompt_rows(path, raw=False) -> list:
+    """(line number, row, key) for each non-blank line, checked as training checks prompts; errors name
+    file:line. key: the row's id, else a hash of its prompt with the copy number (see the module docstring)."""
+    from minicai.constitution import as_messages
     from minicai.io import read_jsonl_lines
 
-    rows = read_jsonl_lines(path)
-    for lineno, row in rows:
+    out, seen = [], {}
+    for lineno, row in read_jsonl_lines(path):
+        key, where = row_key(row, seen), f"{path}:{lineno}"
         has_prompt, has_messages = isinstance(row.get("prompt"), str), isinstance(row.get("messages"), list)
         if has_prompt == has_messages:
-            raise ValueError(f"{path}:{lineno}: need exactly one of 'prompt' (str) or 'messages' (list)")
-    return rows
+            raise ValueError(f"{where}: need exactly one of 'prompt' (str) or 'messages' (list)")
+        try:
+            if raw and has_prompt and not row["prompt"].strip():
+                raise ValueError("prompt must be a non-empty string")
+            if not (raw and has_prompt):
+                as_messages(row["messages"] if has_messages else row["prompt"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if key is None:
+            raise ValueError(f"{where}: duplicate id {row['id']!r}")
+        out.append((lineno, row, key))
+    if not out:
+        raise ValueError(f"{path}: no prompts (the file has no rows)")
+    return out
+
+
+def row_key(row, seen):
+    """Stable resume key of a prompt row or of an output row (which carries its input row's fields); seen
+    counts keys so far. None for a repeated id."""
+    import hashlib
+    import json
+
+    if "id" in row:
+        key = f"id:{row['id']}"
+        if key in seen:
+            return None
+        seen[key] = 1
+        return key
+    text = json.dumps(row.get("messages", row.get("prompt")), sort_keys=True, ensure_ascii=False)
+    base = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    seen[base] = seen.get(base, 0) + 1
+    return f"{base}#{seen[base]}"
 
 
 def encode_row(tok, row, args, where) -> list:
@@ -156,35 +195,39 @@ def encode_row(tok, row, args, where) -> list:
 
 
 def run_generate(args):
+    import hashlib
+
     from tqdm import tqdm
 
-    from minicai.io import append_jsonl, read_jsonl_tolerant
+    from minicai.io import append_jsonl, check_output_path, read_jsonl_tolerant
     from minicai.sampling import generate
 
     kwargs = sampling_kwargs(args)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
-    rows = read_prompt_rows(args.prompts)
-    done_rows = read_jsonl_tolerant(args.out)
-    done_ids = {r["id"] for r in done_rows if isinstance(r, dict) and "id" in r}
-    todo = [(i, lineno, row) for i, (lineno, row) in enumerate(rows)
-            if not (row["id"] in done_ids if "id" in row else i < len(done_rows))]
+    rows = read_prompt_rows(args.prompts, args.raw)
+    check_output_path(args.out, "file")
+    seen = {}
+    done = {row_key(r, seen) for r in read_jsonl_tolerant(args.out)}
+    todo = [(lineno, row, key) for lineno, row, key in rows if key not in done]
     if not todo:
         print(f"{args.out}: all {len(rows)} rows already done")
         return 0
     model, tok = load(args)
+    ctx = model.config.max_position_embeddings
+    prompts = [encode_row(tok, row, args, f"{args.prompts}:{lineno}") for lineno, row, _ in todo]
+    for (lineno, _, _), ids in zip(todo, prompts):
+        if len(ids) + args.max_new_tokens > ctx:
+            raise ValueError(f"{args.prompts}:{lineno}: prompt of {len(ids)} tokens + --max-new-tokens "
+                             f"{args.max_new_tokens} exceeds the context ({ctx})")
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="row")
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
-        prompts = [encode_row(tok, row, args, f"{args.prompts}:{lineno}") for _, lineno, row in batch]
-        for (_, lineno, _), ids in zip(batch, prompts):
-            if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
-                raise ValueError(f"{args.prompts}:{lineno}: prompt of {len(ids)} tokens + --max-new-tokens "
-                                 f"{args.max_new_tokens} exceeds the context ({model.config.max_position_embeddings})")
-        # the seed of a batch depends on its first row, so a resumed run samples the rows it redoes the same way
-        outs = generate(model, prompts, tokenizer=tok, seed=args.seed * 1_000_003 + batch[0][0]
-                        if args.seed is not None else None, **kwargs)
-        for (_, _, row), g in zip(batch, outs):
+        # the seed of a batch depends on its first row's key, so a rerun samples a batch it redoes the same way
+        first = int.from_bytes(hashlib.sha256(batch[0][2].encode()).digest()[:6], "little")
+        outs = generate(model, prompts[start:start + args.batch_size], tokenizer=tok,
+                        seed=args.seed * 1_000_003 + first if args.seed is not None else None, **kwargs)
+        for (_, row, _), g in zip(batch, outs):
             append_jsonl(args.out, {**row, "response": g.text, "finish_reason": g.finish_reason,
                                     "n_tokens": len(g.tokens)})
         bar.update(len(batch))

@@ -40,10 +40,10 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import generation_dtype, load_pretrained, resolve_path
+from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, as_messages, critique_messages,
                                   load_constitution, load_fewshot, revision_messages, strip_label)
-from minicai.io import append_jsonl, read_jsonl, read_jsonl_tolerant
+from minicai.io import append_jsonl, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.sampling import generate
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -80,10 +80,8 @@ parser.add_argument("--quiet", action="store_true", help="no progress bar")
 def load_prompts(path, limit=0) -> list:
     """[(id, row, messages)]; id is the row's 'id' field or '<file stem>-<row index>'."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    with open(path, encoding="utf-8") as f:  # line numbers of non-blank rows, for error messages
-        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
     out, seen = [], set()
-    for i, (row, lineno) in enumerate(zip(read_jsonl(path), linenos)):
+    for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
         if limit and len(out) >= limit:
             break
         where = f"{path}:{lineno}"
@@ -100,6 +98,8 @@ def load_prompts(path, limit=0) -> list:
             raise ValueError(f"{where}: duplicate id {rid!r}")
         seen.add(rid)
         out.append((rid, row, messages))
+    if not out:
+        raise ValueError(f"{path}: no prompts (the file has no rows)")
     return out
 
 
@@ -237,6 +237,8 @@ def main(argv=None):
         args.dtype = generation_dtype(args.device)
     if args.rounds < 1 or args.batch_size < 1 or args.n_fewshot < 0 or args.max_new_tokens < 1:
         raise ValueError("--rounds, --batch-size and --max-new-tokens must be >= 1 and --n-fewshot >= 0")
+    check_output_path(args.out, "file")
+    resolve_device(args.device)
     constitution = load_constitution(args.constitution)
     demos = load_fewshot(args.fewshot, constitution) if args.n_fewshot else []
     rows = load_prompts(args.prompts, args.limit)

@@ -41,9 +41,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import generation_dtype, load_pretrained, resolve_path
+from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution
-from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_tolerant
+from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_pairs, pairwise_question
 from minicai.sampling import generate
 
@@ -76,9 +76,7 @@ def load_prompt_rows(paths, limit=0):
     """(id, messages) for the prompt files' rows; ids are the row's 'id' or "file:line". Errors name file:line."""
     rows, seen = [], set()
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            linenos = [i for i, line in enumerate(f, 1) if line.strip()]
-        for lineno, row in zip(linenos, read_jsonl(path)):
+        for lineno, row in read_jsonl_lines(path):
             where = f"{path}:{lineno}"
             if "prompt" not in row and "messages" not in row:
                 raise ValueError(f"{where}: missing field 'prompt' or 'messages'")
@@ -91,6 +89,8 @@ def load_prompt_rows(paths, limit=0):
                 raise ValueError(f"{where}: duplicate id {rid!r}")
             seen.add(rid)
             rows.append((rid, messages))
+    if not rows:
+        raise ValueError(f"{', '.join(paths)}: no prompts (no rows)")
     return rows[:limit] if limit else rows
 
 
@@ -104,9 +104,7 @@ def pairs_from_revisions(path, out):
     Rows need id, messages (or prompt), initial, final; the finish reasons are carried over when present."""
     done = {r.get("id") for r in read_jsonl_tolerant(out)}
     written = skipped = 0
-    with open(path, encoding="utf-8") as f:
-        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
-    for lineno, row in zip(linenos, read_jsonl(path)):
+    for lineno, row in read_jsonl_lines(path):
         where = f"{path}:{lineno}"
         missing = [k for k in ("id", "initial", "final") if k not in row]
         if "messages" not in row and "prompt" not in row:
@@ -141,13 +139,21 @@ def pairs_from_revisions(path, out):
     return written, skipped
 
 
-def labeller_agreement(model, tokenizer, path, batch_size):
+def read_agreement_rows(path) -> list:
+    rows = []
+    for lineno, r in read_jsonl_lines(path):
+        missing = [k for k in ("prompt", "response_a", "response_b", "principle", "preferred") if k not in r]
+        if missing or r["preferred"] not in ("a", "b"):
+            raise ValueError(f"{path}:{lineno}: " + (f"missing field(s) {missing}" if missing else
+                                                     f"'preferred' must be 'a' or 'b', got {r['preferred']!r}"))
+        rows.append(r)
+    return rows
+
+
+def labeller_agreement(model, tokenizer, path, batch_size, rows=None):
     """Fraction of hand-labelled pairs where the feedback model (both orders averaged) puts > 0.5 on the
     preferred response; also the agreement of each order alone, which shows the position bias."""
-    rows = read_jsonl(path, required=("prompt", "response_a", "response_b", "principle", "preferred"))
-    for i, r in enumerate(rows, 1):
-        if r["preferred"] not in ("a", "b"):
-            raise ValueError(f"{path}: row {i}: 'preferred' must be 'a' or 'b', got {r['preferred']!r}")
+    rows = rows if rows is not None else read_agreement_rows(path)
     p_a, p_first, p_second = compare_pairs(model, tokenizer, [as_messages(r["prompt"]) for r in rows],
                                            [r["response_a"] for r in rows], [r["response_b"] for r in rows],
                                            [r["principle"] for r in rows], batch_size=batch_size)
@@ -226,6 +232,9 @@ def main(argv=None):
         args.dtype = generation_dtype(args.device)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
+    check_output_path(args.out, "file")
+    resolve_device(args.device)
+    agreement_rows = read_agreement_rows(args.agreement) if args.agreement else None  # checked before any work
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if args.from_revisions:
@@ -268,7 +277,7 @@ def main(argv=None):
           f"orders pick different winners on {summary['orders_disagree']:.0%} of pairs" if written else ""))
     if args.agreement:
         t1 = time.time()
-        report = labeller_agreement(judge, judge_tok, args.agreement, args.batch_size)
+        report = labeller_agreement(judge, judge_tok, args.agreement, args.batch_size, agreement_rows)
         report.update(feedback_model=args.feedback_model or args.model, seconds=round(time.time() - t1, 1), run=summary)
         atomic_write(os.path.splitext(args.out)[0] + ".agreement.json", json.dumps(report, indent=2))
         print(f"label_preferences: labeller agreement with {report['n']} hand-labelled pairs: {report['agreement']:.3f} "
