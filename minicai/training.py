@@ -83,18 +83,18 @@ def set_lr(optimizer, lr) -> None:
         group["lr"] = lr
 
 
+class DivergenceError(FloatingPointError):
+    """The run diverged; the message names the step and the measure."""
+
+
 def check_finite(step, **values) -> None:
     """Raise FloatingPointError naming the step and the quantity when any value is NaN or inf
     (a diverged run must stop before it overwrites a good checkpoint)."""
     for name, v in values.items():
         v = float(v)
         if not math.isfinite(v):
-            raise FloatingPointError(f"step {step}: {name} is {v}; stopping (lower the learning rate, check the "
+            raise DivergenceError(f"step {step}: {name} is {v}; stopping (lower the learning rate, check the "
                                      f"data, or resume from the last saved state)")
-
-
-class DivergenceError(FloatingPointError):
-    """The run diverged; the message names the step and the measure."""
 
 
 class DivergenceGuard:
@@ -248,6 +248,8 @@ def save_state(state_dir, model, optimizer, step, data_position=None, extra=None
 
     def write(tmp):
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        if os.environ.get("MINICAI_TEST_KILL_IN_SAVE") == str(step):  # tests: a kill -9 in the middle of a save
+            os.kill(os.getpid(), 9)
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
