@@ -42,6 +42,7 @@ import os
 import random
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save
@@ -178,6 +179,24 @@ def fingerprint(args, model_path) -> str:
     return h.hexdigest()
 
 
+def cached_reference(model, train_pairs, eval_pairs, pad_id, args, path) -> dict:
+    """Reference log-probs {"train", "eval"}: one pass before any update, cached in OUT for --resume."""
+    cache = os.path.join(args.out, "ref_logps.safetensors")
+    fp = fingerprint(args, path)
+    if args.resume and os.path.exists(cache):
+        from safetensors import safe_open
+        with safe_open(cache, framework="pt") as f:
+            if f.metadata().get("fingerprint") == fp:
+                return load_file(cache)
+    t0 = time.perf_counter()
+    model.eval()
+    ref = {"train": reference_logprobs(model, train_pairs, pad_id, args),
+           "eval": reference_logprobs(model, eval_pairs, pad_id, args)}
+    print(f"dpo: reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs in {time.perf_counter() - t0:.1f}s")
+    atomic_write(cache, save(ref, metadata={"fingerprint": fp}))
+    return ref
+
+
 @torch.no_grad()
 def evaluate(model, pairs, ref, pad_id, args) -> dict:
     """Held-out loss, reward accuracy and margins (means over pairs)."""
@@ -240,6 +259,29 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard) -> dict:
     return out
 
 
+def train_loop(c):
+    """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
+    with c.guard:
+        for step in range(c.start, c.end):
+            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.total, min_ratio=c.args.lr_min_ratio)
+            for g in c.opt.param_groups:
+                g["lr"] = lr
+            rows = batch_rows(len(c.train_pairs), c.args.batch_size, c.args.seed, step, c.steps_per_epoch)
+            t0 = time.perf_counter()
+            m = train_step(c.model, c.opt, c.train_pairs, c.ref["train"], rows, c.pad_id, c.args, step, c.guard)
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(c.train_pairs[i][k]) + len(c.train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
+            m.update(step=step + 1, epoch=step / c.steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
+                     peak_mem_mb=peak_memory_mb(c.args.device))
+            append_jsonl(c.log_path, m)
+            print(f"step {step + 1:4d}/{c.total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
+                  f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
+                  f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
+                  flush=True)
+            if (step + 1) % c.args.save_every == 0 or step + 1 == c.end:
+                c.guard.save(c.model, c.opt, step + 1, final=step + 1 == c.end)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens", pos="lr beta",
@@ -274,22 +316,7 @@ def main(argv=None):
         from minicai.lora import apply_lora
         apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)
 
-    # reference log-probs: one pass, before any update (cached for --resume)
-    cache = os.path.join(args.out, "ref_logps.safetensors")
-    fp = fingerprint(args, path)
-    ref = None
-    if args.resume and os.path.exists(cache):
-        from safetensors import safe_open
-        with safe_open(cache, framework="pt") as f:
-            if f.metadata().get("fingerprint") == fp:
-                ref = load_file(cache)
-    if ref is None:
-        t0 = time.perf_counter()
-        model.eval()
-        ref = {"train": reference_logprobs(model, train_pairs, pad_id, args),
-               "eval": reference_logprobs(model, eval_pairs, pad_id, args)}
-        print(f"dpo: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s")
-        atomic_write(cache, save(ref, metadata={"fingerprint": fp}))
+    ref = cached_reference(model, train_pairs, eval_pairs, pad_id, args, path)
 
     opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
@@ -311,25 +338,7 @@ def main(argv=None):
 
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
-    with guard:
-        for step in range(start, end):
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.lr_min_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            rows = batch_rows(len(train_pairs), args.batch_size, args.seed, step, steps_per_epoch)
-            t0 = time.perf_counter()
-            m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step, guard)
-            dt = time.perf_counter() - t0
-            n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
-            m.update(step=step + 1, epoch=step / steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
-                     peak_mem_mb=peak_memory_mb(args.device))
-            append_jsonl(log_path, m)
-            print(f"step {step + 1:4d}/{total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
-                  f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
-                  f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
-                  flush=True)
-            if (step + 1) % args.save_every == 0 or step + 1 == end:
-                guard.save(model, opt, step + 1, final=step + 1 == end)
+    train_loop(SimpleNamespace(**locals()))
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
     if rows:

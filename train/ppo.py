@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -216,6 +217,30 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     return metrics, samples
 
 
+def train_loop(c):
+    """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
+    with c.guard:
+        for step in range(c.start, c.end):
+            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.args.steps, min_ratio=c.args.lr_min_ratio)
+            for g in c.opt.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            metrics, samples = ppo_step(step, c.policy, c.value_head, c.ref, c.reward_fn, c.opt, c.kl_ctl, c.prompts,
+                                        c.tok, c.args, c.guard)
+            append_jsonl(c.log_path, metrics)
+            print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
+                  f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
+                  f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
+                  f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
+                  f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
+                  flush=True)
+            if c.args.sample_every and (step + 1) % c.args.sample_every == 0:
+                for s in samples:
+                    append_jsonl(c.samples_path, s)
+                    print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
+            if (step + 1) % c.args.save_every == 0 or step + 1 == c.end:
+                c.guard.save(c.trainable, c.opt, step + 1, extra={"kl_coef": c.kl_ctl.value}, final=step + 1 == c.end)
+
+
 def main(argv=None, reward_fn=None):
     """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
     args = parser.parse_args(argv)
@@ -281,26 +306,7 @@ def main(argv=None, reward_fn=None):
     os.makedirs(args.out, exist_ok=True)
 
     end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
-    with guard:
-        for step in range(start, end):
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.lr_min_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
-            metrics, samples = ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args,
-                                        guard)
-            append_jsonl(log_path, metrics)
-            print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
-                  f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
-                  f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
-                  f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
-                  f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
-                  flush=True)
-            if args.sample_every and (step + 1) % args.sample_every == 0:
-                for s in samples:
-                    append_jsonl(samples_path, s)
-                    print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
-            if (step + 1) % args.save_every == 0 or step + 1 == end:
-                guard.save(trainable, opt, step + 1, extra={"kl_coef": kl_ctl.value}, final=step + 1 == end)
+    train_loop(SimpleNamespace(**locals()))
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
     if rows:

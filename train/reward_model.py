@@ -213,7 +213,8 @@ def load_data(args, tokenizer) -> tuple:
           f"{too_long} longer than --max-len={args.max_len} tokens")
     train, held = split_by_prompt(examples, args.eval_frac, args.seed)
     if not train:
-        raise ValueError("no training pairs left after skipping bad rows and holding out --eval-frac")
+        raise ValueError(f"{', '.join(args.data)}: no training pairs left after skipping bad rows and holding "
+                         f"out --eval-frac")
     print(f"reward_model: {len(train)} training pairs, {len(held)} held out "
           f"({len({e['key'] for e in held})} of {len({e['key'] for e in examples})} prompts)")
     return train, held

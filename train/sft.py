@@ -97,7 +97,8 @@ def load_data(args, tokenizer, rows):
     print(f"sft: {len(rows)} rows from {len(args.data) + len(args.mix)} file(s); skipped {skipped['empty']} "
           f"with an empty response and {skipped['too_long']} longer than --max-len={args.max_len} tokens")
     if not examples:
-        raise ValueError("no training examples left after skipping empty and over-long rows")
+        raise ValueError(f"{', '.join([*args.data, *args.mix])}: no training examples (the file(s) have no rows, "
+                         f"or all were skipped as empty or over-long)")
     return examples
 
 
