@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -427,4 +428,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input or a diverged stage: one line, exit 2
+        print(f"train.pipeline: error: {e}", file=sys.stderr)
+        sys.exit(2)
