@@ -26,7 +26,7 @@ def main(argv=None):
         return 0
     try:
         return getattr(importlib.import_module(args._module), "run")(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input: one clear line, no traceback
         print(f"minicai {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -273,6 +273,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"train.critique_revise: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -367,6 +367,6 @@ def _fmt(e):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"train.dpo: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -289,6 +289,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"train.label_preferences: error: {e}", file=sys.stderr)
         sys.exit(2)

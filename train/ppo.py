@@ -321,6 +321,6 @@ def main(argv=None, reward_fn=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"train.ppo: error: {e}", file=sys.stderr)
         sys.exit(2)

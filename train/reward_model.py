@@ -363,6 +363,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"train.reward_model: error: {e}", file=sys.stderr)
         sys.exit(2)
