@@ -379,7 +379,7 @@ def load_model(path, dtype=torch.float32, device="cpu", verify=True) -> Transfor
     path = resolve_path(path)
     cfg = read_config(path)
     dtype = _dtype(dtype)
-    device = resolve_device(str(device))
+    device = resolve_device(None if device is None else str(device))
     with torch.device("meta"):
         model = Transformer(cfg)
     state = load_state(model, weight_files(path), dtype, device, verify=verify)
