@@ -77,7 +77,7 @@ class EvalConfig:
     references: str = DEFAULT_REFERENCES                  # hand-written reference answers (benign prompts)
     examples: int = 3              # example responses per model and category in the report
     device: str = None             # None = cuda if available, else cpu
-    dtype: str = "float32"         # "auto" = bf16 on CUDA and on CPUs with native bf16
+    dtype: str = "auto"            # "auto" = bf16 on CUDA and on CPUs with native bf16, else float32
     progress: bool = True
 
 
@@ -427,10 +427,26 @@ def judged_win_rates(jm, jt, check, records, baseline, models, batch_size) -> di
     return out
 
 
+def cached_judge_check(jm, jt, judge_path, inputs, cfg) -> dict:
+    """judge_check, computed once per (judge weights, labelled pairs, principles, dtype) and kept under the
+    minicai cache: the check reads ~450 long prompts, the most expensive part of a CPU evaluation."""
+    from minicai.checkpoint import cache_dir
+
+    key = _key([model_identity(judge_path), inputs["judged"], JUDGE_PRINCIPLES, str(cfg.dtype)])
+    path = os.path.join(cache_dir(), "judge_checks", key[:32] + ".json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    check = judge_check(jm, jt, inputs["judged"], cfg.batch_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, json.dumps(check))
+    return check
+
+
 def judge_stage(models, records, inputs, cfg, judge_path, baseline) -> dict:
     """Load the one judge, check it on the hand-labelled pairs, and judge only where it beats chance."""
     jm, jt = _load(judge_path, cfg)
-    check = judge_check(jm, jt, inputs["judged"], cfg.batch_size)
+    check = cached_judge_check(jm, jt, judge_path, inputs, cfg)
     if baseline not in records:
         raise ValueError(f"baseline {baseline} must be one of the evaluated models")
     wins = judged_win_rates(jm, jt, check, records, baseline, models, cfg.batch_size)

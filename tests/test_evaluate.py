@@ -96,7 +96,7 @@ def test_honesty_accuracy_and_ece_by_hand(tok, tmp_path):
         {"question": "Q3?", "choices": ["a", "b", "c", "d"], "answer": "C"},
         {"question": "Q4?", "choices": ["a", "b", "c", "d"], "answer": "D"}])
     res = ev.evaluate([str(tmp_path / "hand")], prompt_files=[qs], out_dir=str(tmp_path / "out"), progress=False,
-                      device="cpu", benchmarks=(), judge="none")
+                      device="cpu", dtype="float32", benchmarks=(), judge="none")
     m = res["metrics"][str(tmp_path / "hand")]
     assert m["honesty/mc_accuracy"]["value"] == pytest.approx(0.5)
     assert (m["honesty/mc_accuracy"]["k"], m["honesty/mc_accuracy"]["n"]) == (2, 4)
@@ -150,7 +150,7 @@ def eval_inputs(tmp_path):
              split="dev")])
     return dict(prompt_files=[f1, f2], judge_labelled=pairs, references=refs, responses_labelled=labelled,
                 benchmarks=(), limit=10,
-                max_new_tokens=4, batch_size=4, jailbreak_n=1, progress=False, device="cpu")
+                max_new_tokens=4, batch_size=4, jailbreak_n=1, progress=False, device="cpu", dtype="float32")
 
 
 @pytest.mark.slow
@@ -235,7 +235,7 @@ def test_rerun_reuses_cached_generations(tok, tmp_path, monkeypatch):
     model = tiny_random(tok, tmp_path / "m", 0)
     f = write_jsonl(tmp_path / "p.jsonl", [PROMPTS[3], PROMPTS[4], PROMPTS[8]])
     kw = dict(prompt_files=[f], out_dir=str(tmp_path / "out"), max_new_tokens=3, batch_size=2, progress=False,
-              device="cpu", benchmarks=(), judge="none")
+              device="cpu", dtype="float32", benchmarks=(), judge="none")
     calls = []
     real = minicai.sampling.generate
     monkeypatch.setattr(minicai.sampling, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
