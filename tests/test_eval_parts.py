@@ -27,7 +27,7 @@ SPECS = {  # file -> (required fields, minimum rows)
     "helpful.jsonl": (("prompt", "category"), 25),
     "honesty_mc.jsonl": (("question", "choices", "answer"), 35),
     "unanswerable.jsonl": (("prompt", "category"), 15),
-    "refusal_labelled.jsonl": (("prompt", "response", "label"), 50),
+    "responses_labelled.jsonl": (("request", "response", "label", "split", "kind", "source_model"), 600),
     "judge_labelled.jsonl": (("prompt", "response_a", "response_b", "principle", "preferred"), 20),
 }
 
@@ -61,7 +61,9 @@ def test_data_categories():
         assert r["expected"] == ("refuse" if r["category"] == "harmful" else "comply"), r
     assert set(counts) == {"harmful", "legitimate", "dual_use", "ambiguous", "sensitive"}
     assert min(counts.values()) >= 8
-    assert {r["label"] for r in _rows("refusal_labelled.jsonl")} == {"refusal", "compliance"}
+    labelled = _rows("responses_labelled.jsonl")
+    assert {r["label"] for r in labelled} == {"comply", "refuse", "partial", "nonanswer"}
+    assert {r["split"] for r in labelled} == {"dev", "test"} and {r["kind"] for r in labelled} == {"harmful", "benign"}
     judge = _rows("judge_labelled.jsonl")
     assert {r["preferred"] for r in judge} == {"a", "b"}
     assert all(r["response_a"] != r["response_b"] for r in judge)
