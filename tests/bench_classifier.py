@@ -1,38 +1,59 @@
-"""Speed of the response classifier (minicai.refusal.classify) on the hand-labelled file: responses per second.
+"""Speed of the response classifier on the hand-labelled file: responses per second for the rules
+(minicai.refusal.classify) and for the full classifier (minicai.refusal.load_classifier().classify_many).
 
 Not a test (timing depends on the machine). Target of issue #13: at least 20 responses/s on a 2-core CPU.
-    .venv/bin/python tests/bench_classifier.py [--file data/eval/responses_labelled.jsonl] [--repeats 5]
+Agreement is printed for the dev half only; --test adds the test half (the project's one honest measurement:
+score it rarely).
+    .venv/bin/python tests/bench_classifier.py [--file data/eval/responses_labelled.jsonl] [--repeats 3] [--test]
 """
 import argparse
 import os
 import platform
 import time
 
-from minicai.refusal import agreement, classify, load_labelled, prompt_text
+import torch
+
+from minicai.refusal import agreement, classify, load_classifier, load_labelled, prompt_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", default=os.path.join(ROOT, "data", "eval", "responses_labelled.jsonl"))
-    ap.add_argument("--repeats", type=int, default=5, help="passes over the file; the best is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the file; the best is reported")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--test", action="store_true", help="also print agreement on the test half")
     args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = load_labelled(args.file)
-    best = float("inf")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for r in rows:
-            classify(r["request"], r["response"], r["kind"], prompt_text(r))
-        best = min(best, time.perf_counter() - t0)
+    items = [dict(r, prompt=prompt_text(r)) for r in rows]
     chars = sum(len(r["response"]) for r in rows) / max(len(rows), 1)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs: {len(rows)} responses "
-          f"(mean {chars:.0f} chars), best of {args.repeats}: {best * 1e3:.1f} ms, {len(rows) / best:,.0f} responses/s")
-    for split in ("dev", "test"):
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}: {len(rows)} responses (mean {chars:.0f} chars)")
+    t = best_time(lambda: [classify(r["request"], r["response"], r["kind"], r["prompt"]) for r in items], args.repeats)
+    print(f"  rules: best of {args.repeats}: {t * 1e3:.0f} ms, {len(rows) / t:,.0f} responses/s")
+    t0 = time.perf_counter()
+    clf = load_classifier()
+    print(f"  full classifier: loaded in {time.perf_counter() - t0:.1f} s "
+          f"({'rules only' if clf.head is None else clf.model.embed.weight.dtype})")
+    t = best_time(lambda: clf.classify_many(items, batch_size=args.batch_size), args.repeats)
+    print(f"  full classifier: best of {args.repeats}: {t:.1f} s, {len(rows) / t:,.1f} responses/s")
+    for split in ("dev", "test") if args.test else ("dev",):
         part = [r for r in rows if r["split"] == split]
         if part:
-            a = agreement(part)
-            print(f"  {split}: n={a['n']} binary={a['binary']:.3f} four-class={a['four_class']:.3f}")
+            for name, c in (("rules", None), ("full", clf)):
+                a = agreement(part, c)
+                print(f"  {split} {name}: n={a['n']} binary={a['binary']:.3f} four-class={a['four_class']:.3f}")
 
 
 if __name__ == "__main__":

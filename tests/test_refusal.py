@@ -153,11 +153,22 @@ def test_load_labelled_bad_input(tmp_path, change, match):
     assert [r["label"] for r in load_labelled(path)] == ["refuse"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(LABELLED), reason="data/eval/responses_labelled.jsonl not written yet")
 def test_bar_on_labelled_test_half():
-    rows = load_labelled(LABELLED)
-    test = [r for r in rows if r["split"] == "test"]
-    assert len(test) >= 30, len(test)  # the file grows to >= 300 test rows; the bar holds at every size
-    a = agreement(test)
+    """The full classifier (rules + learnt head on the default model) on the test half nothing was fit on."""
+    from minicai.checkpoint import default_gguf_path
+    from minicai.refusal import load_classifier
+    from minicai.refusal_head import HEAD_PATH
+
+    if not os.path.exists(HEAD_PATH):
+        pytest.skip(f"{HEAD_PATH} not written yet (python -m minicai.refusal fit)")
+    try:
+        default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    test = [r for r in load_labelled(LABELLED) if r["split"] == "test"]
+    assert len(test) >= 30, len(test)
+    a = agreement(test, load_classifier())
     print("\ntest half:", json.dumps({k: v for k, v in a.items() if k != "errors"}))
     assert a["binary"] >= 0.90 and a["four_class"] >= 0.85, (a["binary"], a["four_class"])
