@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from minicai.io import read_jsonl
+from minicai.io import read_jsonl_lines
 
 DEFAULT_CONSTITUTION = Path(__file__).resolve().parent.parent / "constitution.txt"
 DEFAULT_FEWSHOT = Path(__file__).resolve().parent.parent / "data" / "fewshot_critique_revision.jsonl"
@@ -187,10 +187,11 @@ def load_fewshot(path=DEFAULT_FEWSHOT, constitution=None) -> list:
         constitution = load_constitution()
     by_name = {p.name: p for p in constitution.critiques}
     demos = []
-    with open(path, encoding="utf-8") as f:  # line numbers of non-blank rows, for error messages
-        linenos = [i for i, line in enumerate(f, 1) if line.strip()]
-    for row, lineno in zip(read_jsonl(path, required=("response", "principle", "critique", "revision")), linenos):
+    for lineno, row in read_jsonl_lines(path):
         where = f"{path}:{lineno}"
+        missing = [k for k in ("response", "principle", "critique", "revision") if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
         try:
             messages = as_messages(row.get("messages", row.get("prompt")))
         except ValueError as e:

@@ -223,3 +223,8 @@ def check_trainable(texts, where: str) -> bool:
             raise ValueError(f"{where}: item {k} is or contains {hit}: it must not reach training data "
                              f"({text[:80]!r})")
     return True
+
+
+def check_trainable_messages(messages, where: str) -> bool:
+    """check_trainable on the user and system turns of one conversation (what every training reader calls)."""
+    return check_trainable([m["content"] for m in messages if m["role"] != "assistant"], where)

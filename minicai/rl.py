@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from minicai.constitution import as_messages
-from minicai.garak_data import check_trainable
+from minicai.garak_data import check_trainable_messages
 from minicai.io import read_jsonl
 from minicai.logprobs import token_logprobs
 
@@ -59,7 +59,7 @@ def load_prompts(paths) -> list:
                 out.append(as_messages(raw))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            check_trainable([m["content"] for m in out[-1] if m["role"] != "assistant"], where)
+            check_trainable_messages(out[-1], where)
     if not out:
         raise ValueError(f"no prompts in {list(paths)}")
     return out

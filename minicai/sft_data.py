@@ -25,7 +25,7 @@ a row longer than max_len tokens (see build_examples).
 import torch
 
 from minicai.constitution import as_messages
-from minicai.garak_data import check_trainable
+from minicai.garak_data import check_trainable_messages
 from minicai.io import read_jsonl_lines
 
 IGNORE = -100
@@ -59,7 +59,7 @@ def _parse_row(row, where) -> dict:
                              "or 'messages' ending in an assistant turn")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    check_trainable([m["content"] for m in messages if m["role"] != "assistant"], where)  # no eval-only prompt
+    check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
     return {"messages": messages, "response": response.strip(), "add_eos": add_eos, "where": where}
 
 

@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save
 from minicai import training
 from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
 from minicai.constitution import as_messages
+from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl
 from minicai.losses import dpo_loss
 from minicai.rl import collate, completion_text, jsonl_with_lines, peak_memory_mb, sequence_logprobs
@@ -103,6 +104,7 @@ def load_pairs(path, tok, *, use_soft_labels=False, max_prompt_tokens=512, max_c
             messages = as_messages(row["prompt"])
         except ValueError as e:
             raise ValueError(f"{where}: field 'prompt': {e}") from None
+        check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
         chosen = completion_text(row["chosen"], f"{where}: field 'chosen'")
         rejected = completion_text(row["rejected"], f"{where}: field 'rejected'")
         soft = 1.0

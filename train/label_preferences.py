@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution
+from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_pairs, pairwise_question
 from minicai.sampling import generate
@@ -84,6 +85,7 @@ def load_prompt_rows(paths, limit=0):
                 messages = as_messages(row["messages"] if "messages" in row else row["prompt"])
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
             rid = str(row.get("id", f"{os.path.basename(path)}:{lineno}"))
             if rid in seen:
                 raise ValueError(f"{where}: duplicate id {rid!r}")

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from minicai import training
 from minicai.checkpoint import resolve_device, resolve_path
 from minicai.constitution import as_messages
+from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl_lines
 from minicai.losses import bradley_terry_loss
 from minicai.reward import load_reward_model, save_reward_model
@@ -108,6 +109,7 @@ def read_pairs(path, soft_labels=False) -> tuple:
             messages = as_messages(row["prompt"])
         except ValueError as e:
             raise ValueError(f"{where}: field 'prompt': {e}") from None
+        check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
         chosen = completion_text(row["chosen"], f"{where}: field 'chosen'").strip()
         rejected = completion_text(row["rejected"], f"{where}: field 'rejected'").strip()
         p = row.get("soft_label", 1.0)
