@@ -230,6 +230,16 @@ def as_messages(prompt) -> list:
     return prompt
 
 
+def row_messages(row, where) -> list:
+    """The chat messages of a prompt row (its "messages", else its "prompt"); errors name `where` (file:line)."""
+    if "prompt" not in row and "messages" not in row:
+        raise ValueError(f"{where}: missing field 'prompt' or 'messages'")
+    try:
+        return as_messages(row["messages"] if "messages" in row else row["prompt"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def render_conversation(prompt, response) -> str:
     """The conversation as quoted text: 'User: ...' / 'Assistant: ...' paragraphs."""
     names = {"system": "System", "user": "User", "assistant": "Assistant"}

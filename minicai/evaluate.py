@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from minicai.constitution import as_messages
+from minicai.constitution import as_messages, row_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl_lines, read_jsonl_tolerant
 
 EVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
@@ -107,12 +107,7 @@ def _prompt_row(row, where, set_name):
         raise ValueError(f"{where}: missing field 'category' (one of {', '.join(CATEGORIES)})")
     if row["category"] not in CATEGORIES:
         raise ValueError(f"{where}: unknown category {row['category']!r} (expected one of {', '.join(CATEGORIES)})")
-    if "prompt" not in row and "messages" not in row:
-        raise ValueError(f"{where}: missing field 'prompt' (or 'messages')")
-    try:
-        messages = as_messages(row["messages"] if "messages" in row else row["prompt"])
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    messages = row_messages(row, where)
     technique, request = row.get("technique"), row.get("request", row.get("decoded"))
     for key, v in (("technique", technique), ("request", request)):
         if v is not None and not isinstance(v, str):

@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
-from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, as_messages, critique_messages,
-                                  load_constitution, load_fewshot, revision_messages, strip_label)
+from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, critique_messages, load_constitution,
+                                  load_fewshot, revision_messages, row_messages, strip_label)
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.sampling import generate
@@ -86,12 +86,7 @@ def load_prompts(path, limit=0) -> list:
         if limit and len(out) >= limit:
             break
         where = f"{path}:{lineno}"
-        if "prompt" not in row and "messages" not in row:
-            raise ValueError(f"{where}: missing field 'prompt' or 'messages'")
-        try:
-            messages = as_messages(row["messages"] if "messages" in row else row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        messages = row_messages(row, where)
         check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
         if "response" in row and (not isinstance(row["response"], str) or not row["response"].strip()):
             raise ValueError(f"{where}: field 'response' must be a non-empty string")

@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
-from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution
+from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution, row_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_pairs, pairwise_question
@@ -79,12 +79,7 @@ def load_prompt_rows(paths, limit=0):
     for path in paths:
         for lineno, row in read_jsonl_lines(path):
             where = f"{path}:{lineno}"
-            if "prompt" not in row and "messages" not in row:
-                raise ValueError(f"{where}: missing field 'prompt' or 'messages'")
-            try:
-                messages = as_messages(row["messages"] if "messages" in row else row["prompt"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+            messages = row_messages(row, where)
             check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
             rid = str(row.get("id", f"{os.path.basename(path)}:{lineno}"))
             if rid in seen:
