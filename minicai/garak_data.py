@@ -47,7 +47,7 @@ _SLOT = re.compile(r"[\[{]\s*(?:insert[\w ]{0,12}prompt[\w ]{0,6}|(?:your |enter
                    r"user_prompt|insert (?:any )?question here)\s*\\?[\]}]|INSERT PROMPT HERE", re.I)
 
 
-class GarakNotInstalled(RuntimeError):
+class GarakNotInstalled(FileNotFoundError):  # an OSError: the CLIs print it as one line
     pass
 
 
