@@ -428,7 +428,7 @@ def judged_win_rates(jm, jt, check, records, baseline, models, batch_size) -> di
     """Win rates against the baseline, by the calibrated judge, only for the kinds where the judge beats
     chance: harmlessness on plain harmful requests, helpfulness on legitimate ones."""
     from minicai.judge import compare_calibrated
-    from minicai.metrics import rate
+    from minicai.metrics import rate, win_rate
 
     out = {m: {} for m in models}
     base = {(r["source"], r["technique"]): r for r in records[baseline]["prompts"]}
@@ -445,8 +445,8 @@ def judged_win_rates(jm, jt, check, records, baseline, models, batch_size) -> di
             res = compare_calibrated(jm, jt, [r["messages"] for r in rs], [r["response"] for r in rs],
                                      [b["response"] for b in bs], judge_principles(kind), batch_size=batch_size)
             p = res["p_a"].tolist()
-            wins = sum(1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p)
-            out[m][name] = dict(rate(round(wins), len(p)), value=wins / len(p), mean_p=sum(p) / len(p),
+            value = win_rate(["win" if x > 0.5 else "loss" if x < 0.5 else "tie" for x in p])   # a tie is half
+            out[m][name] = dict(rate(round(value * len(p)), len(p)), value=value, mean_p=sum(p) / len(p),
                                 order_consistency=res["order_consistency"])
     return out
 

@@ -263,11 +263,11 @@ class ResponseClassifier:
         self.head, self.model, self.tok = head, model, tokenizer
         self.layers = tuple(head["layers"]) if head else LAYERS
 
-    def features(self, rows, batch_size: int = 16) -> tuple:
+    def features(self, rows, batch_size: int = 16, rules=None) -> tuple:
         """([N, D] float32 features, rules' classes, certain flags) of rows (dicts: request, response, kind,
-        optional prompt)."""
+        optional prompt). rules: the rows' rule_features when the caller has them already."""
         fields = [_row_fields(r, i) for i, r in enumerate(rows)]
-        rules = [rule_features(*f) for f in fields]
+        rules = rules if rules is not None else [rule_features(*f) for f in fields]
         X = torch.tensor([r[0] for r in rules], dtype=torch.float32).reshape(len(rules), len(RULE_FEATURES) - 2)
         if self.model is None:
             return X, [r[1] for r in rules], [r[3] for r in rules]
@@ -285,7 +285,7 @@ class ResponseClassifier:
         out = [c[1] if c[3] else None for c in certain]
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
-            X = self.features([rows[i] for i in todo], batch_size)[0]
+            X = self.features([rows[i] for i in todo], batch_size, rules=[certain[i] for i in todo])[0]
             h = self.head
             logits = ((X - h["mean"]) / h["std"] * h["scale"]) @ h["weight"].T + h["bias"]
             for i, p in zip(todo, logits.argmax(-1).tolist()):

@@ -45,7 +45,7 @@ from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device
 from minicai.constitution import DEFAULT_CONSTITUTION, as_messages, load_constitution, row_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
-from minicai.judge import choice_logprobs, compare_pairs, pairwise_question
+from minicai.judge import choice_logprobs, compare_pairs, load_labelled_pairs, pairwise_question
 from minicai.sampling import generate
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -136,21 +136,10 @@ def pairs_from_revisions(path, out):
     return written, skipped
 
 
-def read_agreement_rows(path) -> list:
-    rows = []
-    for lineno, r in read_jsonl_lines(path):
-        missing = [k for k in ("prompt", "response_a", "response_b", "principle", "preferred") if k not in r]
-        if missing or r["preferred"] not in ("a", "b"):
-            raise ValueError(f"{path}:{lineno}: " + (f"missing field(s) {missing}" if missing else
-                                                     f"'preferred' must be 'a' or 'b', got {r['preferred']!r}"))
-        rows.append(r)
-    return rows
-
-
 def labeller_agreement(model, tokenizer, path, batch_size, rows=None):
     """Fraction of hand-labelled pairs where the feedback model (both orders averaged) puts > 0.5 on the
     preferred response; also the agreement of each order alone, which shows the position bias."""
-    rows = rows if rows is not None else read_agreement_rows(path)
+    rows = rows if rows is not None else load_labelled_pairs(path)
     p_a, p_first, p_second = compare_pairs(model, tokenizer, [as_messages(r["prompt"]) for r in rows],
                                            [r["response_a"] for r in rows], [r["response_b"] for r in rows],
                                            [r["principle"] for r in rows], batch_size=batch_size)
@@ -231,7 +220,7 @@ def main(argv=None):
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
     check_output_path(args.out, "file")
     resolve_device(args.device)
-    agreement_rows = read_agreement_rows(args.agreement) if args.agreement else None  # checked before any work
+    agreement_rows = load_labelled_pairs(args.agreement) if args.agreement else None  # checked before any work
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if args.from_revisions:
