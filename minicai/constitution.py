@@ -6,6 +6,11 @@ Implements Bai et al. 2022, "Constitutional AI: Harmlessness from AI Feedback":
     revised response; few-shot demonstrations of the whole pattern come first.
   - sec 4.1 the comparison principles ("Which of these responses ...?") used for AI feedback.
 
+Additions beyond the paper: each principle says which prompts it is drawn for (`applies`: harmful, benign or
+any), so that e.g. an over-refusal critique is never applied to a bomb request; and may carry a positive and a
+negative instruction for contrastive pairs (RLCD, Yang et al. 2023, "RLCD: Reinforcement Learning from
+Contrastive Distillation"). prompt_kind tells which kind a prompt row is.
+
 The constitution lives in plain text (constitution.txt at the repo root, format documented at its
 top) so a researcher can edit principles without touching code.
 
@@ -33,21 +38,31 @@ CONVERSATION_INTRO = "Here is a conversation between a user and an AI assistant:
 REVISION_SUFFIX = "Reply with the revised assistant response only."
 
 
+KINDS = ("harmful", "benign")  # what a prompt is; a principle's `applies` is one of these or "any"
+
+
 @dataclass(frozen=True)
 class Principle:
-    """A critique/revision pair (stage 1)."""
+    """A critique/revision pair (stage 1). `applies`: the prompt kind it is drawn for ("any": both);
+    `positive` / `negative`: instructions that make a model answer in line with / against it ("" = none)."""
     name: str
     critique: str
     revision: str
     weight: float = 1.0
+    applies: str = "any"
+    positive: str = ""
+    negative: str = ""
 
 
 @dataclass(frozen=True)
 class ComparisonPrinciple:
-    """A question asked about two candidate responses (stage 2)."""
+    """A question asked about two candidate responses (stage 2); applies/positive/negative as in Principle."""
     name: str
     question: str
     weight: float = 1.0
+    applies: str = "any"
+    positive: str = ""
+    negative: str = ""
 
 
 @dataclass
@@ -56,13 +71,15 @@ class Constitution:
     comparisons: list
     path: str = "<memory>"
 
-    def sample_critique(self, rng):
-        """One critique principle drawn with probability proportional to its weight."""
-        return _sample(self.critiques, rng, "critique", self.path)
+    def sample_critique(self, rng, kind=None):
+        """One critique principle drawn with probability proportional to its weight; kind "harmful" /
+        "benign" draws only among principles that apply to that kind of prompt (None: among all)."""
+        return _sample(self.critiques, rng, "critique", self.path, kind)
 
-    def sample_comparison(self, rng):
-        """One comparison principle drawn with probability proportional to its weight."""
-        return _sample(self.comparisons, rng, "compare", self.path)
+    def sample_comparison(self, rng, kind=None):
+        """One comparison principle drawn with probability proportional to its weight; kind as in
+        sample_critique."""
+        return _sample(self.comparisons, rng, "compare", self.path, kind)
 
     def get(self, name):
         for p in self.critiques + self.comparisons:
@@ -71,11 +88,38 @@ class Constitution:
         raise KeyError(f"{self.path}: no principle named {name!r}")
 
 
-def _sample(items, rng, kind, path):
+def _sample(items, rng, section, path, kind):
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be None, 'harmful' or 'benign', got {kind!r}")
+        items = [p for p in items if p.applies in (kind, "any")]
     if not items:
-        raise ValueError(f"{path}: has no [{kind} NAME] principles to sample from")
+        only = "" if kind is None else f" that apply to {kind} prompts (applies: {kind} or any)"
+        raise ValueError(f"{path}: has no [{section} NAME] principles{only} to sample from")
     # rng is a random.Random: choices() consumes it deterministically, so a seed fixes the draws
     return rng.choices(items, weights=[p.weight for p in items], k=1)[0]
+
+
+def prompt_kind(row, default=None) -> str:
+    """"harmful" or "benign" for a prompt row: its `kind` if present, else its `category` ("harmful" ->
+    harmful, any other category -> benign). A row with neither is an error unless `default` is given,
+    since guessing "harmful" would route refusal principles onto helpful prompts."""
+    if "kind" in row:
+        if row["kind"] not in KINDS:
+            raise ValueError(f"prompt row has kind {row['kind']!r}, expected 'harmful' or 'benign': {_show(row)}")
+        return row["kind"]
+    if "category" in row:
+        return "harmful" if row["category"] == "harmful" else "benign"
+    if default is None:
+        raise ValueError(f"prompt row has neither 'kind' nor 'category', so it is unknown whether it is harmful "
+                         f"or benign (add one, or pass default=): {_show(row)}")
+    if default not in KINDS:
+        raise ValueError(f"default must be 'harmful' or 'benign', got {default!r}")
+    return default
+
+
+def _show(row) -> str:
+    return repr(row)[:120]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -83,6 +127,8 @@ def _sample(items, rng, kind, path):
 _HEADER = re.compile(r"^\[\s*(\S+)\s+([A-Za-z0-9_-]+)\s*\]\s*$")
 _KEY = re.compile(r"^([A-Za-z_]+)\s*:(.*)$")
 _KEYS = {"critique": ("critique", "revision"), "compare": ("question",)}  # required keys per kind
+_OPTIONAL = ("weight", "applies", "positive", "negative")
+_APPLIES = KINDS + ("any",)
 
 
 def load_constitution(path=DEFAULT_CONSTITUTION) -> Constitution:
@@ -131,7 +177,7 @@ def load_constitution(path=DEFAULT_CONSTITUTION) -> Constitution:
         key, value = m.group(1), m.group(2).strip()
         if block is None:
             raise ValueError(f"{where}: {key!r} appears before any [critique NAME] / [compare NAME] header")
-        allowed = _KEYS[block["kind"]] + ("weight",)
+        allowed = _KEYS[block["kind"]] + _OPTIONAL
         if key not in allowed:
             raise ValueError(f"{where}: unknown key {key!r} in [{block['kind']} {block['name']}] "
                              f"(allowed: {', '.join(allowed)})")
@@ -143,28 +189,39 @@ def load_constitution(path=DEFAULT_CONSTITUTION) -> Constitution:
     if not blocks:
         raise ValueError(f"{path}: no principles found (expected [critique NAME] or [compare NAME] blocks)")
 
-    critiques, comparisons = [], []
-    for b in blocks:
-        fields, title = b["fields"], f"[{b['kind']} {b['name']}]"
-        for key in _KEYS[b["kind"]]:
-            if key not in fields:
-                raise ValueError(f"{path}:{b['line']}: {title} is missing {key!r}")
-            if not fields[key][0]:
-                raise ValueError(f"{path}:{fields[key][1]}: {key!r} of {title} is empty")
-        weight = 1.0
-        if "weight" in fields:
-            text, wline = fields["weight"]
-            try:
-                weight = float(text)
-            except ValueError:
-                raise ValueError(f"{path}:{wline}: weight of {title} must be a number, got {text!r}") from None
-            if not 0 < weight < float("inf"):
-                raise ValueError(f"{path}:{wline}: weight of {title} must be positive and finite, got {text!r}")
-        if b["kind"] == "critique":
-            critiques.append(Principle(b["name"], fields["critique"][0], fields["revision"][0], weight))
-        else:
-            comparisons.append(ComparisonPrinciple(b["name"], fields["question"][0], weight))
-    return Constitution(critiques, comparisons, path)
+    principles = [_principle(b, path) for b in blocks]
+    return Constitution([p for p in principles if isinstance(p, Principle)],
+                        [p for p in principles if isinstance(p, ComparisonPrinciple)], path)
+
+
+def _principle(b, path):
+    """A parsed block {kind, name, line, fields {key: [value, line]}} checked and turned into its principle."""
+    fields, title = b["fields"], f"[{b['kind']} {b['name']}]"
+    for key in _KEYS[b["kind"]]:
+        if key not in fields:
+            raise ValueError(f"{path}:{b['line']}: {title} is missing {key!r}")
+    for key, (value, line) in fields.items():
+        if not value:
+            raise ValueError(f"{path}:{line}: {key!r} of {title} is empty")
+    weight = 1.0
+    if "weight" in fields:
+        text, wline = fields["weight"]
+        try:
+            weight = float(text)
+        except ValueError:
+            raise ValueError(f"{path}:{wline}: weight of {title} must be a number, got {text!r}") from None
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"{path}:{wline}: weight of {title} must be positive and finite, got {text!r}")
+    applies, aline = fields.get("applies", ["any", b["line"]])
+    if applies not in _APPLIES:
+        raise ValueError(f"{path}:{aline}: applies of {title} must be one of {', '.join(_APPLIES)}, got {applies!r}")
+    if ("positive" in fields) != ("negative" in fields):  # a contrast needs both of its halves
+        given, other = ("positive", "negative") if "positive" in fields else ("negative", "positive")
+        raise ValueError(f"{path}:{fields[given][1]}: {title} has {given!r} without {other!r} (give both or neither)")
+    extra = dict(applies=applies, positive=fields.get("positive", [""])[0], negative=fields.get("negative", [""])[0])
+    if b["kind"] == "critique":
+        return Principle(b["name"], fields["critique"][0], fields["revision"][0], weight, **extra)
+    return ComparisonPrinciple(b["name"], fields["question"][0], weight, **extra)
 
 
 # ----------------------------------------------------------------------------- few-shot data
