@@ -18,6 +18,11 @@ names plus "score.weight" [1, H], config.json with num_labels 1. Differences fro
   saved config says tie_word_embeddings=true so our loader expects no lm_head tensor.
 The head is initialised N(0, 1/(H+1)) as in Stiennon et al. (2020)'s reward models; the reward is float32
 whatever the trunk's dtype.
+
+VerdictReward adds the evaluation classifier's verdict to a reward model's score for PPO: + weight when the
+response gets the class the prompt's kind expects (refuse harmful, comply benign), a rule-based term next to the
+learnt one (as in rule-based rewards, Mu et al. 2024), so PPO is paid for the behaviour the evaluation measures
+and not only for what a reward model fit on few, noisy pairs likes (issue #14 saw PPO learn evasive one-liners).
 """
 import dataclasses
 import json
@@ -115,3 +120,65 @@ def save_reward_model(rm: RewardModel, tokenizer, out_dir, extra_files: dict | N
                 f.write(text)
 
     atomic_dir(out_dir, write)
+
+
+# ----------------------------------------------------------------------------- the classifier's verdict as a reward
+
+EXPECTED_CLASS = {"harmful": "refuse", "benign": "comply"}  # the class the evaluation counts as right per prompt kind
+
+
+def expected_verdict(label: str, kind: str) -> bool:
+    """The classifier's class is the one a prompt of this kind should get: refuse harmful, comply benign."""
+    if kind not in EXPECTED_CLASS:
+        raise ValueError(f"kind must be one of {sorted(EXPECTED_CLASS)}, got {kind!r}")
+    return label == EXPECTED_CLASS[kind]
+
+
+def opposite_verdict(label: str, kind: str) -> bool:
+    """The failure the evaluation counts for this kind: harmful help (comply/partial) on a harmful prompt,
+    a refusal (refuse/partial) of a benign one."""
+    from minicai.refusal import declined, harmful_help
+
+    if kind not in EXPECTED_CLASS:
+        raise ValueError(f"kind must be one of {sorted(EXPECTED_CLASS)}, got {kind!r}")
+    return harmful_help(label) if kind == "harmful" else declined(label)
+
+
+class VerdictReward:
+    """PPO reward r(x, y) = score(x, y) + weight * [classifier's class of y is EXPECTED_CLASS[kind of x]].
+
+    score: any reward_fn(input_ids, attention_mask) -> [B] (a RewardModel). classifier: has
+    classify_many(rows of request/response/kind) (minicai.refusal.load_classifier, or ResponseClassifier() for the
+    rules alone). prompts: (prompt token ids, request text, kind) of every prompt the policy is given: each row of a
+    batch is split into prompt and response by the longest known prompt it starts with (the batch carries ids
+    only), and the response is decoded without its EOS. Callable as minicai.rl.score_sequences' reward_fn."""
+
+    def __init__(self, score, classifier, tokenizer, prompts, weight: float):
+        if not prompts:
+            raise ValueError("VerdictReward: no prompts")
+        self.score, self.classifier, self.tok, self.weight = score, classifier, tokenizer, float(weight)
+        self.prompts = {}
+        for ids, request, kind in prompts:
+            if kind not in EXPECTED_CLASS:
+                raise ValueError(f"VerdictReward: prompt {request[:60]!r} has kind {kind!r}, expected harmful/benign")
+            self.prompts[tuple(ids)] = (request, kind)
+        self.lengths = sorted({len(k) for k in self.prompts}, reverse=True)
+
+    def split(self, ids) -> tuple:
+        """(request, kind, response ids) of one unpadded prompt + response sequence."""
+        for n in self.lengths:
+            hit = self.prompts.get(tuple(ids[:n]))
+            if hit:
+                return hit[0], hit[1], ids[n:]
+        raise ValueError(f"VerdictReward: a sequence starts with none of the {len(self.prompts)} known prompts")
+
+    def __call__(self, input_ids, attention_mask) -> torch.Tensor:
+        base = self.score(input_ids, attention_mask).float()
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            request, kind, response = self.split([t for t, m in zip(ids, mask) if m])
+            if response and response[-1] == self.tok.eos_token_id:
+                response = response[:-1]
+            rows.append(dict(request=request, response=self.tok.decode(response), kind=kind))
+        hits = [expected_verdict(label, r["kind"]) for label, r in zip(self.classifier.classify_many(rows), rows)]
+        return base + self.weight * torch.tensor(hits, dtype=torch.float32, device=base.device)

@@ -303,13 +303,22 @@ def test_truncated_response_gets_no_eos_and_split_is_by_prompt(tok):
 
 @pytest.fixture()
 def prompts_file(tmp_path):
-    return write_rows(tmp_path / "prompts.jsonl", [{"prompt": "How do I bake bread?", "id": "p1"},
+    return write_rows(tmp_path / "prompts.jsonl", [{"prompt": "How do I bake bread?", "id": "p1", "category": "legitimate"},
                                                    {"messages": [{"role": "user", "content": "Tell me a joke."}]}])
 
 
 def label(tmp_path, lm, prompts, out, *extra):
     return label_preferences.main(["--model", lm, "--prompts", prompts, "--out", str(out), "--max-new-tokens", "4",
                                    "--batch-size", "2", "--quiet", "--device", "cpu", "--dtype", "float32", *extra])
+
+
+def calibrated_by_hand(p_first, p_second, prior_a):
+    """Contextual calibration (Zhao et al. 2021, eq. 1, W = diag(p_cf)^-1) written out for two letters: each
+    order's P(letter) divided by the content-free prior of that letter, renormalised; then both orders averaged."""
+    pa, pb = prior_a, 1 - prior_a
+    first = (p_first / pa) / (p_first / pa + (1 - p_first) / pb)          # response a shown as "A"
+    second = (p_second / pb) / (p_second / pb + (1 - p_second) / pa)      # response a shown as "B"
+    return first, second, (first + second) / 2
 
 
 @pytest.mark.slow
@@ -320,25 +329,33 @@ def test_label_preferences_end_to_end_and_resume(tmp_path, tok, prompts_file):
     lines = out.read_text().splitlines()
     assert len(rows) == len(lines) == 2
     constitution = load_constitution()
-    names = {p.name: p.question for p in constitution.comparisons}
+    names = {p.name: p for p in constitution.comparisons}
     judge = load_model(lm)
+    free = [{"role": "user", "content": "N/A"}]
     for r in map(json.loads, lines):
-        assert r["prompt"][-1]["role"] == "user"
+        assert r["prompt"][-1]["role"] == "user" and r["source"] == "ai" and r["calibrated"]
         assert [m["role"] for m in r["chosen"]] == [m["role"] for m in r["rejected"]] == ["assistant"]
         assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
         assert 0.5 <= r["soft_label"] <= 1
-        # the soft label is the mean of the two orders, both stated as P(chosen is better)
-        assert r["soft_label"] == pytest.approx((r["p_chosen_first"] + r["p_chosen_second"]) / 2, abs=1e-6)
-        assert r["question"] == names[r["principle"]]
-        # both orders recomputed with the judge directly
-        p, p1, p2 = compare_pairs(judge, tok, [r["prompt"]],
-                                  [r["chosen"][0]["content"]], [r["rejected"][0]["content"]], [r["question"]])
-        assert float(p1) == pytest.approx(r["p_chosen_first"], abs=1e-5)
-        assert float(p2) == pytest.approx(r["p_chosen_second"], abs=1e-5)
-    assert {json.loads(l)["id"] for l in lines} == {"p1", "prompts.jsonl:2"}
-    report = json.load(open(tmp_path / "prefs.agreement.json"))
+        assert r["question"] == names[r["principle"]].question
+        # routed: the bread prompt is benign, the joke has no kind (all principles)
+        assert r["kind"] == ("benign" if r["id"] == "ai:p1" else None)
+        if r["kind"]:
+            assert names[r["principle"]].applies in ("benign", "any")
+        # raw orders from the judge directly, calibrated by hand with its content-free prior
+        _, p1, p2 = compare_pairs(judge, tok, [r["prompt"]], [r["chosen"][0]["content"]], [r["rejected"][0]["content"]],
+                                  [r["question"]])
+        prior_a = float(compare_pairs(judge, tok, [free], ["N/A"], ["N/A"], [r["question"]])[1])
+        first, second, soft = calibrated_by_hand(float(p1), float(p2), prior_a)
+        assert (r["p_chosen_first_raw"], r["p_chosen_second_raw"]) == (pytest.approx(float(p1), abs=1e-5),
+                                                                       pytest.approx(float(p2), abs=1e-5))
+        assert (r["p_chosen_first"], r["p_chosen_second"], r["soft_label"]) == (
+            pytest.approx(first, abs=1e-5), pytest.approx(second, abs=1e-5), pytest.approx(soft, abs=1e-5))
+    assert {json.loads(l)["id"] for l in lines} == {"ai:p1", "ai:prompts.jsonl:2"}
+    report = json.load(open(tmp_path / "prefs.report.json"))["sources"]["ai"]
     with open("data/eval/judge_labelled.jsonl") as f:   # every hand-labelled pair is judged
-        assert report["n"] == sum(1 for line in f if line.strip()) and 0 <= report["agreement"] <= 1
+        assert report["agreement"]["n"] == sum(1 for line in f if line.strip()) and 0 <= report["agreement"]["value"] <= 1
+    assert report["pairs"] == 2 and 0 <= report["orders_disagree"] <= 1 and "calibrated" in report["measured"]
 
     # a run killed while writing its second row: the torn line is redone, the first row is kept
     out.write_text(lines[0] + "\n" + lines[1][:25])
@@ -374,13 +391,17 @@ def test_pairs_from_revisions(tmp_path):
         {"id": "r2", "messages": msgs, "initial": "Same.", "final": "Same. "},          # unchanged: skipped
         {"id": "r3", "prompt": "Hi?", "initial": "Hello", "final": ""}])                # empty: skipped
     out = str(tmp_path / "pairs.jsonl")
-    assert label_preferences.main(["--from-revisions", src, "--out", out]) == (1, 2)
+    assert [r["id"] for r in label_preferences.main(["--from-revisions", src, "--out", out])] == ["revision:r1"]
     (row,) = [json.loads(l) for l in open(out)]
-    assert row["id"] == "rev:r1" and row["prompt"] == msgs and row["soft_label"] == 1.0
+    assert row["id"] == "revision:r1" and row["prompt"] == msgs and row["soft_label"] == 1.0
+    assert row["source"] == "revision"
     assert row["chosen"] == [{"role": "assistant", "content": "I can't help break into homes."}]
     assert row["rejected"] == [{"role": "assistant", "content": "Sure, step one..."}]
     assert row["principles"] == ["harmless", "honest"] and row["rejected_finish_reason"] == "length"
-    assert label_preferences.main(["--from-revisions", src, "--out", out]) == (0, 2)  # no duplicates
+    dropped = [json.loads(l) for l in open(tmp_path / "pairs.dropped.jsonl")]
+    assert [(d["id"], d["reason"]) for d in dropped] == [("revision:r2", "empty_or_unchanged"),
+                                                         ("revision:r3", "empty_or_unchanged")]
+    assert label_preferences.main(["--sources", "revision", "--revisions", src, "--out", out]) == []  # no duplicates
     assert len(open(out).read().splitlines()) == 1
     # the reward model reads these rows; the truncated initial response gets no EOS
     pairs, _ = reward_model.read_pairs(out)
