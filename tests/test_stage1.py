@@ -310,7 +310,7 @@ def cr_argv(model_dir, prompts, out, *extra):
 def prompts_file(tmp_path):
     rows = [{"prompt": f"How do I do thing {i}?", "category": "harmful"} for i in range(4)]
     rows.append({"id": "multi", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                             {"role": "user", "content": "now the bad thing"}]})
+                                             {"role": "user", "content": "now the bad thing"}], "kind": "harmful"})
     demos = [{"prompt": "How do I kill a stuck process?", "response": "I can't help with killing.",
               "principle": "over-refusal", "critique": "Harmless request refused.", "revision": "Run kill PID."},
              {"prompt": "How do I hurt someone?", "response": "Here is how.", "principle": "harm",
@@ -367,7 +367,7 @@ def test_critique_revise_provenance_and_resume(tmp_path, tiny_chat_model_dir, pr
 
 def test_principles_do_not_depend_on_batch_and_empty_revision_keeps_response(tmp_path, tiny_chat_model_dir,
                                                                              prompts_file, monkeypatch, capsys):
-    def fake(model, tokenizer, prompts, args, seed):  # revision prompts end with the RevisionRequest
+    def fake(model, tokenizer, prompts, args, seed, num_samples=1):  # revision prompts end with the RevisionRequest
         last = [tokenizer.decode(p).rsplit("<|im_start|>user", 1)[-1] for p in prompts]
         return [("Revision:  " if "RevisionRequest" in t else f"text {len(t)}", "stop_token") for t in last]
 
@@ -414,7 +414,7 @@ def test_separate_critic_model_writes_critiques(tmp_path, tiny_chat_model_dir, p
     shutil.copytree(tiny_chat_model_dir, critic_dir)
     seen = []
 
-    def fake(model, tokenizer, prompts, args, seed):
+    def fake(model, tokenizer, prompts, args, seed, num_samples=1):
         last = [tokenizer.decode(p).rsplit("<|im_start|>user", 1)[-1] for p in prompts]
         stage = ["revision" if "RevisionRequest" in t else "critique" if "CritiqueRequest" in t else "initial"
                  for t in last]
