@@ -23,6 +23,7 @@ values, and memory is one model. The price is that the value loss also moves the
 (vf_coef) keeps that small. The head is zero-initialised, so V starts at 0 instead of at noise.
 """
 import resource
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -161,6 +162,22 @@ def sequence_logprobs(model, batch, *, average=False, chunk_size=None):
     return (total / n.clamp(min=1) if average else total), logp
 
 
+def completion_logprobs(model, batch, *, average=False, autocast=nullcontext):
+    """For right-padded rows with labels (minicai.sft_data.collate; -100 off the completion): the sum (or
+    mean, average=True) of log pi(label) per row [B], and the per-token log-probs and mask [B, T-1]. The
+    forward gets no attention mask: in right-padded rows causal attention alone keeps the padding out of
+    every real token's view, and the mask-free call is the fast causal kernel. The forward runs under
+    `autocast()`, the log-probs (tiled, fp32) outside any autocast."""
+    with autocast():
+        hidden = model(batch["input_ids"], return_hidden=True)               # [B, T, H]
+    with torch.autocast(hidden.device.type, enabled=False):
+        targets = batch["labels"][:, 1:]                                     # hidden at t predicts t + 1
+        logp = token_logprobs(hidden[:, :-1], model.output_weight, targets, with_entropy=False)[0]
+        mask = targets != IGNORE
+        total = logp.sum(1)
+        return (total / mask.sum(1).clamp(min=1) if average else total), logp, mask
+
+
 class ValueHead(nn.Module):
     """V(s) = w . h + b on the trunk's final-normed hidden state (fp32 whatever the trunk's dtype)."""
 
@@ -188,6 +205,20 @@ def score_sequences(reward_fn, prompts, responses, pad_id, device=None) -> torch
     if scores.shape != (len(seqs),):
         raise ValueError(f"reward model returned shape {tuple(scores.shape)}, expected [{len(seqs)}]")
     return scores.float()
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak for peak_memory_mb, so each stage reports its own: CUDA's allocator statistics, or on
+    Linux the resident high-water mark ("5" to /proc/self/clear_refs). Where that file cannot be written the
+    CPU peak stays the process's peak so far."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_memory_mb(device) -> float:

@@ -21,6 +21,11 @@
   an uninterrupted run would (same data order, same updates), provided checkpoints are taken at optimizer
   step boundaries (the trainers only save there).
 - JSONL training log (minicai.io.append_jsonl) and a PNG loss plot (matplotlib, Agg backend).
+- autocast: bf16 autocast of the forward over fp32 master weights (mixed precision, Micikevicius et al.
+  2018, in bfloat16, so without loss scaling); the trainers run the loss math under autocast("off").
+- Length bucketing (micro_batches' `lengths`): each window of a few micro-batches of the seeded epoch order
+  is sorted by length, longest first (the "group by length" of HF's Trainer, idea only), so a micro-batch
+  pads little; the order stays a function of seed and position, so resuming stays exact.
 
 Layout of a state directory:
     weights.safetensors     trainable parameters by name (frozen ones are rebuilt from the base model)
@@ -40,12 +45,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minicai.checkpoint import clean_stale, promote_dir, stage_dir, verify_file
+from minicai.checkpoint import clean_stale, cpu_has_native_bf16, promote_dir, stage_dir, verify_file
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_state", "load_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
-           "trainable_named_parameters"]
+           "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -352,20 +357,42 @@ def add_run_flags(parser) -> None:
                         help="stop when a step's loss exceeds this x its recent average (0 = off)")
 
 
-def micro_batches(n, batch_size, seed, position):
+def micro_batches(n, batch_size, seed, position, lengths=None, window=1):
     """Endless micro-batches of example indices: epoch e is torch.randperm(n) under seed (seed, e), cut into
-    batches. Yields (indices, position after this batch); position = {"epoch", "batch"} resumes exactly."""
+    batches (with `lengths`, sorted in windows of `window` micro-batches first: sort_in_windows). Yields
+    (indices, position after this batch); position = {"epoch", "batch"} resumes exactly."""
     epoch, b = position["epoch"], position["batch"]
     per_epoch = math.ceil(n / batch_size)
     while True:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g).tolist()
+        if lengths is not None:
+            order = sort_in_windows(order, lengths, window * batch_size)
         while b < per_epoch:
             idx = order[b * batch_size:(b + 1) * batch_size]
             b += 1
             nxt = {"epoch": epoch, "batch": b} if b < per_epoch else {"epoch": epoch + 1, "batch": 0}
             yield idx, nxt
         epoch, b = epoch + 1, 0
+
+
+def sort_in_windows(order, lengths, window) -> list:
+    """`order` with each run of `window` consecutive indices sorted by lengths[i], longest first (stable:
+    ties keep their order), so batches cut from it hold examples of similar length."""
+    return [i for w0 in range(0, len(order), window)
+            for i in sorted(order[w0:w0 + window], key=lambda i: -lengths[i])]
+
+
+def autocast(mode, device):
+    """Context for the model's forward: bf16 autocast ("bf16"), none ("off"), or "auto" = bf16 on CUDA with
+    bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else off. The weights stay as they are (fp32
+    masters); autocast("off") also switches off an enclosing autocast, for the loss math."""
+    if mode not in ("auto", "bf16", "off"):
+        raise ValueError(f"--autocast must be auto, bf16 or off, got {mode!r}")
+    device = torch.device(device)
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    on = mode == "bf16" or (mode == "auto" and native)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def check_resume_args(run_dir, args) -> None:

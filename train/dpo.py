@@ -25,6 +25,12 @@ Choices:
   also under LoRA keeps one code path and costs one forward per pair instead of one per pair per epoch.
 - Sequence log-probs are sums over completion tokens for "sigmoid", means for "ipo" (IPO's length
   normalisation, as in the IPO authors' experiments and TRL).
+- Chosen and rejected rows of a micro-batch go through one forward, right padded to the longest real row,
+  without an attention mask (causal attention keeps right padding out of every real token's view, and the
+  mask-free call is the fast causal kernel); --bucket-window sorts windows of the shuffled order by length so
+  a batch pads little (a function of --seed and the step: resume stays exact). --autocast runs the forward
+  in bf16 over fp32 master weights, the log-probs and the loss in fp32; the reference log-probs are computed
+  under the same setting. Peak memory is logged per step and printed per stage (load, reference, train).
 - --nll-weight w adds w x the mean per-token NLL of the chosen completions (RPO, Pang et al. 2024).
 - A held-out split (--eval-frac) is scored before and after training: implicit reward margin
   beta (delta_policy - delta_ref), accuracy, loss, and the policy's own log-prob margin.
@@ -42,6 +48,7 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -53,8 +60,8 @@ from minicai.constitution import as_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl
 from minicai.losses import dpo_loss
-from minicai.rl import collate, completion_text, jsonl_with_lines, peak_memory_mb, sequence_logprobs
-from minicai.sft_data import encode_example
+from minicai.rl import completion_logprobs, completion_text, jsonl_with_lines, peak_memory_mb, reset_peak_memory
+from minicai.sft_data import IGNORE, collate, encode_example
 from minicai.tokenizer import load_tokenizer
 from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
 
@@ -89,6 +96,12 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the split and t
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: %(default)s)")
 parser.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
 parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
+                    help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for CUDA "
+                         "and for CPUs with native bf16 (AVX512-BF16/AMX), else off (default: %(default)s)")
+parser.add_argument("--bucket-window", type=int, default=8,
+                    help="sort each window of this many steps of the shuffled order by length, so batches pad little "
+                         "(1 = plain shuffled order; default: %(default)s)")
 training.add_run_flags(parser)
 
 
@@ -139,10 +152,15 @@ def split(pairs, eval_frac, seed):
 
 
 def pair_batch(pairs, pad_id, device):
-    """chosen rows then rejected rows, one batch of 2b sequences."""
-    prompts = [p["prompt"] for p in pairs] * 2
-    completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    return collate(prompts, completions, pad_id, device)
+    """chosen rows then rejected rows, one right-padded batch of 2b sequences prompt + completion, labels
+    on the completion only, as wide as the longest real row."""
+    rows = [{"input_ids": p["prompt"] + p[k], "labels": [IGNORE] * len(p["prompt"]) + p[k]}
+            for k in ("chosen", "rejected") for p in pairs]
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+
+def pair_length(p) -> int:
+    return len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"]))
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -150,9 +168,10 @@ def pair_batch(pairs, pad_id, device):
 def pair_logprobs(model, pairs, pad_id, args):
     """(chosen [b], rejected [b]) sequence log-probs, plus the chosen per-token log-probs and mask."""
     batch = pair_batch(pairs, pad_id, args.device)
-    seq, tok_logp = sequence_logprobs(model, batch, average=args.loss == "ipo")
+    seq, tok_logp, mask = completion_logprobs(model, batch, average=args.loss == "ipo",
+                                              autocast=partial(training.autocast, args.autocast, args.device))
     b = len(pairs)
-    return seq[:b], seq[b:], tok_logp[:b], batch["response_mask"][:b]
+    return seq[:b], seq[b:], tok_logp[:b], mask[:b]
 
 
 @torch.no_grad()
@@ -177,7 +196,7 @@ def fingerprint(args, model_path) -> str:
         st = os.stat(os.path.join(model_path, name))
         h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([args.loss, args.max_prompt_tokens, args.max_completion_tokens, args.eval_frac, args.seed,
-                         args.dtype, args.use_soft_labels]).encode())
+                         args.dtype, args.use_soft_labels, args.autocast, "right-padded"]).encode())
     return h.hexdigest()
 
 
@@ -222,19 +241,27 @@ def evaluate(model, pairs, ref, pad_id, args) -> dict:
 
 # ----------------------------------------------------------------------------- training
 
-def batch_rows(n, batch_size, seed, step, steps_per_epoch) -> list:
+def batch_rows(n, batch_size, seed, step, steps_per_epoch, lengths=None, window=1) -> list:
+    """The pair indices of optimizer step `step`: a seeded shuffle per epoch, with `lengths` sorted in
+    windows of `window` steps (training.sort_in_windows), so a function of seed and step alone."""
     epoch, k = divmod(step, steps_per_epoch)
     order = random.Random(seed * 1_000_003 + epoch + 1).sample(range(n), n)
+    if lengths is not None:
+        order = training.sort_in_windows(order, lengths, window * batch_size)
     return order[k * batch_size:(k + 1) * batch_size]
 
 
-def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard) -> dict:
+def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard=None) -> dict:
+    """One optimizer step on pairs[rows] (reference log-probs ref [len(pairs), 2]) in micro-batches of
+    --micro-batch-size, the forward under --autocast; args: this script's parsed flags. A DivergenceGuard
+    checks the loss and gradient norm as step + 1 before the update. Returns the step's metrics."""
     n_pairs = len(rows)
+    mbs = args.micro_batch_size or n_pairs
     n_chosen_tokens = sum(len(pairs[i]["chosen"]) for i in rows)
     sums = {}
     opt.zero_grad(set_to_none=True)
-    for i in range(0, n_pairs, args.micro_batch_size):
-        mb = rows[i:i + args.micro_batch_size]
+    for i in range(0, n_pairs, mbs):
+        mb = rows[i:i + mbs]
         chunk = [pairs[j] for j in mb]
         c, r, c_tok, c_mask = pair_logprobs(model, chunk, pad_id, args)
         ref_mb = ref[torch.as_tensor(mb)].to(c.device)
@@ -243,7 +270,8 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard) -> dict:
                                    label_smoothing=args.label_smoothing, soft_labels=soft)
         nll = -torch.where(c_mask, c_tok, 0).sum() / n_chosen_tokens           # share of the batch's token mean
         loss = losses.sum() / n_pairs + args.nll_weight * nll                    # this micro-batch's share
-        loss.backward()
+        with training.autocast("off", c.device):  # the fused log-prob backward stays fp32 under an outer autocast
+            loss.backward()
         with torch.no_grad():
             vals = {"loss": loss * 1.0, "dpo_loss": losses.sum() / n_pairs, "nll": nll,
                     "reward_accuracy": (cr > rjr).float().sum() / n_pairs, "reward_margin": (cr - rjr).sum() / n_pairs,
@@ -253,7 +281,8 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard) -> dict:
             sums[k] = sums.get(k, 0.0) + v.detach()
     params = [p for g in opt.param_groups for p in g["params"]]
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    guard.check(step + 1, sums["loss"], gnorm)
+    if guard is not None:
+        guard.check(step + 1, sums["loss"], gnorm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     out = {k: float(v) for k, v in sums.items()}
@@ -268,7 +297,8 @@ def train_loop(c):
             lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.total, min_ratio=c.args.lr_min_ratio)
             for g in c.opt.param_groups:
                 g["lr"] = lr
-            rows = batch_rows(len(c.train_pairs), c.args.batch_size, c.args.seed, step, c.steps_per_epoch)
+            rows = batch_rows(len(c.train_pairs), c.args.batch_size, c.args.seed, step, c.steps_per_epoch,
+                              c.lengths, c.args.bucket_window)
             t0 = time.perf_counter()
             m = train_step(c.model, c.opt, c.train_pairs, c.ref["train"], rows, c.pad_id, c.args, step, c.guard)
             dt = time.perf_counter() - t0
@@ -286,7 +316,8 @@ def train_loop(c):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens", pos="lr beta",
+    training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens bucket_window",
+                         pos="lr beta",
                          nonneg="micro_batch_size warmup weight_decay grad_clip nll_weight stop_after lora_rank max_loss_jump",
                          unit="lr_min_ratio", unit_open="eval_frac", half="label_smoothing")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
@@ -318,7 +349,11 @@ def main(argv=None):
         from minicai.lora import apply_lora
         apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)
 
+    peaks = {"load": peak_memory_mb(args.device)}
+    reset_peak_memory(args.device)
     ref = cached_reference(model, train_pairs, eval_pairs, pad_id, args, path)
+    peaks["reference"] = peak_memory_mb(args.device)
+    lengths = [pair_length(p) for p in train_pairs]
 
     opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
@@ -340,7 +375,10 @@ def main(argv=None):
 
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
+    reset_peak_memory(args.device)
     train_loop(SimpleNamespace(**locals()))
+    peaks["train"] = peak_memory_mb(args.device)
+    print("dpo: peak memory " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
     if rows:

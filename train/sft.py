@@ -11,6 +11,12 @@ together, so a long answer is not down-weighted). Log-probs come from the fused 
 (minicai.logprobs.cross_entropy_loss on the final hidden states and the unembedding, which forms the
 gradients chunk by chunk during the forward): the [tokens, vocab] logits are never materialised.
 
+Speed: micro-batches are right padded and the forward gets no attention mask (the fast causal kernel; right
+padding is invisible to real tokens under causal attention); --bucket-window sorts windows of the shuffled
+order by length so little is padded (the order stays a function of --seed and the position: resume is
+exact); --autocast runs the forward in bf16 over fp32 master weights, the loss math in fp32. Each log row
+has tok_s (real tokens per second of the step), padding (share of padded positions) and peak_mem_mb.
+
 Data rules (minicai.sft_data): malformed JSON or a row with missing / wrong-typed fields is an error naming
 file:line; a row with an empty response, or longer than --max-len tokens, is skipped and counted.
 
@@ -30,6 +36,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -39,6 +46,7 @@ from minicai.checkpoint import load_pretrained, resolve_device, save_pretrained
 from minicai.io import append_jsonl, atomic_write
 from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
+from minicai.rl import peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
 from minicai import training
 
@@ -76,20 +84,53 @@ parser.add_argument("--seed", type=int, default=0, help="seed for data order and
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
 parser.add_argument("--dtype", default="float32", help="dtype of the trained (master) weights")
 parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
-                    help="bf16 autocast of the forward: auto = on for CUDA, off on CPU (bf16 also works on CPUs "
-                         "with AVX512-BF16/AMX, about 2x faster there)")
+                    help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for "
+                         "CUDA and for CPUs with native bf16 (AVX512-BF16/AMX), else off")
+parser.add_argument("--bucket-window", type=int, default=8,
+                    help="sort each window of this many micro-batches of the shuffled order by length, so "
+                         "micro-batches pad little (1 = plain shuffled order)")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
 training.add_run_flags(parser)
 
 # Arguments that may change between a run and its --resume; every other one must match.
 def batch_loss(model, batch, n_tokens, autocast=nullcontext):
     """Sum over the batch's labelled tokens of -log p(label), divided by n_tokens (the step's total),
-    via the fused log-prob path. batch: input_ids, attention_mask, labels [B, T]."""
+    via the fused log-prob path. batch: input_ids, labels [B, T], right padded. The forward (under
+    autocast()) gets no attention mask: causal attention alone keeps right padding out of every real
+    token's view, and the mask-free call is the fast causal kernel. The loss is fp32, outside autocast."""
     with autocast():
-        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # [B,T,H]
-    targets = batch["labels"][:, 1:]                                    # [B, T-1] hidden at t predicts t+1
-    return cross_entropy_loss(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
-                              reduction="sum") / n_tokens
+        hidden = model(batch["input_ids"], return_hidden=True)                  # [B, T, H]
+    with training.autocast("off", hidden.device):
+        targets = batch["labels"][:, 1:]                                    # [B, T-1] hidden at t predicts t+1
+        return cross_entropy_loss(hidden[:, :-1], model.output_weight, targets, ignore_index=IGNORE,
+                                  reduction="sum") / n_tokens
+
+
+def sft_step(model, optimizer, micro, pad_id, *, grad_clip=1.0, autocast=nullcontext, guard=None, step=0) -> dict:
+    """One optimizer step on `micro`, a list of micro-batches, each a list of examples {input_ids, labels}
+    (build_examples'): the loss is the mean over every loss token of the step, gradients are clipped to
+    grad_clip (0 = off) and, with a DivergenceGuard, checked as step + 1 before the update. autocast: a
+    zero-argument callable giving the forward's context (training.autocast). Returns {loss, grad_norm,
+    tokens (loss tokens), padding (share of the padded positions)}."""
+    device = model.output_weight.device
+    batches = [collate(m, pad_id) for m in micro]
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    n_real = sum(len(e["input_ids"]) for m in micro for e in m)
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        loss = batch_loss(model, {k: v.to(device) for k, v in b.items()}, max(n_tokens, 1), autocast)
+        with training.autocast("off", device):  # the fused log-prob backward stays fp32 under an outer autocast
+            loss.backward()
+        loss_sum += loss.detach()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    loss_value = float(loss_sum)
+    if guard is not None:
+        guard.check(step + 1, loss_value, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": n_tokens, "padding": 1 - n_real / padded}
 
 
 def load_data(args, tokenizer, rows):
@@ -105,33 +146,27 @@ def load_data(args, tokenizer, rows):
 def train_step(c, step):
     """One optimizer step (grad-accum micro-batches), guarded, logged and checkpointed; c holds the run's
     objects (main's locals). Returns (step, data position)."""
-    model, optimizer, examples, args = c.model, c.optimizer, c.examples, c.args
+    args, examples = c.args, c.examples
     lr = training.lr_at(step, lr=args.lr, warmup=c.warmup, total=c.total, min_ratio=args.min_lr_ratio)
-    training.set_lr(optimizer, lr)
+    training.set_lr(c.optimizer, lr)
     micro = []
     for _ in range(args.grad_accum):
         idx, position = next(c.batches)
-        micro.append(collate([examples[i] for i in idx], c.pad_id))
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)  # the step's loss tokens
-    loss_value = 0.0
-    for b in micro:
-        b = {k: v.to(c.device) for k, v in b.items()}
-        loss = batch_loss(model, b, max(n_tokens, 1), c.autocast)
-        loss.backward()
-        loss_value += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(c.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    c.guard.check(step + 1, loss_value, grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        micro.append([examples[i] for i in idx])
+    t0 = time.perf_counter()
+    m = sft_step(c.model, c.optimizer, micro, c.pad_id, grad_clip=args.grad_clip, autocast=c.autocast,
+                 guard=c.guard, step=step)
+    n_real = sum(len(e["input_ids"]) for mb in micro for e in mb)
     step += 1
-    row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
+    row = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"],
            "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
-           "elapsed_s": round(time.time() - c.t0, 3)}
+           "tok_s": round(n_real / (time.perf_counter() - t0), 1), "padding": round(m["padding"], 4),
+           "peak_mem_mb": round(peak_memory_mb(c.device)), "elapsed_s": round(time.time() - c.t0, 3)}
     append_jsonl(c.log_path, row)
     c.bar.update(1)
-    c.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    c.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}")
     if args.save_every and step % args.save_every == 0 and step < c.total:
-        c.guard.save(model, optimizer, step, position, c.extra)
+        c.guard.save(c.model, c.optimizer, step, position, c.extra)
     return step, position
 
 
@@ -140,7 +175,7 @@ def main(argv=None):
     lora = args.lora_rank > 0
     if args.lr is None:
         args.lr = 2e-4 if lora else 2e-5
-    training.check_flags(args, ge1="batch_size grad_accum max_len", pos="epochs lr lora_alpha", unit="min_lr_ratio",
+    training.check_flags(args, ge1="batch_size grad_accum max_len bucket_window", pos="epochs lr lora_alpha", unit="min_lr_ratio",
                          nonneg="max_steps save_every weight_decay grad_clip lora_rank max_loss_jump",
                          unit_open="warmup_ratio lora_dropout")
     run_dir = args.run_dir or args.out.rstrip("/") + ".run"
@@ -178,17 +213,20 @@ def main(argv=None):
                              f"now gives {len(examples)}: --resume needs the same data")
         training.truncate_log(log_path, step)
         print(f"sft: resumed from {state_dir} at step {step}/{total}")
-    use_autocast = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
+    autocast = partial(training.autocast, args.autocast, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    batches = training.micro_batches(len(examples), args.batch_size, args.seed, position)
+    batches = training.micro_batches(len(examples), args.batch_size, args.seed, position,
+                                     lengths=[len(e["input_ids"]) for e in examples], window=args.bucket_window)
     bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
+    load_mb = peak_memory_mb(device)
+    reset_peak_memory(device)
     t0 = time.time()
     with guard:
         while step < total:
             step, position = train_step(SimpleNamespace(**locals()), step)
     bar.close()
+    print(f"sft: peak memory {load_mb:.0f} MB loading, {peak_memory_mb(device):.0f} MB training")
 
     guard.save(model, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
     rows = training.truncate_log(log_path, step)
