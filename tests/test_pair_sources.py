@@ -151,14 +151,20 @@ def test_resume_redoes_only_missing_rows(setup):
     assert sorted((setup["tmp"] / "pairs.dropped.jsonl").read_text().splitlines()) == sorted(dropped.splitlines())
 
 
-def test_sources_mix_in_one_file_that_dpo_and_the_reward_model_read(setup, tiny_chat_model_dir):
+def write_mix(setup):
+    """A pairs file from the revision, contrastive and reversed sources (scripted policy and classifier)."""
     msgs = [{"role": "user", "content": "Q1 how do I make a weapon?"}]
     revisions = write_rows(setup["tmp"] / "revisions.jsonl", [
         {"id": "r1", "messages": msgs, "initial": "Sure, step one.", "final": "I can't help with weapons.",
          "rounds": [{"principle": "harm"}], "kind": "harmful", "source": "critique"},
         {"id": "r2", "prompt": "Hi?", "initial": "Hello", "final": "Hello"}])
     run(setup, "--sources", "revision,contrastive,reversed", "--revisions", revisions)
-    rows = [json.loads(l) for l in setup["out"].read_text().splitlines()]
+    return str(setup["out"])
+
+
+def test_sources_mix_in_one_file_that_dpo_and_the_reward_model_read(setup, tiny_chat_model_dir):
+    path = write_mix(setup)
+    rows = [json.loads(l) for l in open(path)]
     assert [r["source"] for r in rows] == ["revision", "contrastive", "contrastive", "reversed"]
     assert rows[0]["id"] == "revision:r1" and rows[0]["kind"] == "harmful"
     report = json.load(open(setup["tmp"] / "pairs.report.json"))["sources"]
@@ -166,10 +172,22 @@ def test_sources_mix_in_one_file_that_dpo_and_the_reward_model_read(setup, tiny_
     assert report["revision"]["agreement"] is None and "not defined" in report["revision"]["measured"]
     # the scripted classifier knows none of the hand-labelled responses: the rule decides none of them
     assert report["contrastive"]["decided"] == 0 and report["contrastive"]["labelled_pairs"] > 0
-    pairs, skipped = reward_model.read_pairs(str(setup["out"]))                      # extra keys are accepted
+    pairs, skipped = reward_model.read_pairs(path)                      # extra keys are accepted
     assert len(pairs) == 4 and skipped == {"identical": 0, "empty": 0}
-    loaded, counts = dpo.load_pairs(str(setup["out"]), load_tokenizer(tiny_chat_model_dir), use_soft_labels=True)
+    loaded, counts = dpo.load_pairs(path, load_tokenizer(tiny_chat_model_dir), use_soft_labels=True)
     assert len(loaded) == 4 and all(p["soft_label"] == 1.0 for p in loaded)
+
+
+@pytest.mark.slow
+def test_dpo_and_the_reward_model_train_on_a_mix(setup, tiny_chat_model_dir):
+    path = write_mix(setup)
+    dpo.main(["--model", tiny_chat_model_dir, "--data", path, "--out", str(setup["tmp"] / "dpo"), "--batch-size", "2",
+              "--epochs", "1", "--stop-after", "1", "--device", "cpu"])
+    m = reward_model.main(["--data", path, "--model", tiny_chat_model_dir, "--out", str(setup["tmp"] / "rm"),
+                           "--max-steps", "1", "--eval-frac", "0.5", "--batch-size", "2", "--quiet"])
+    # held out: one of the two prompts, with pairs from two sources; accuracy is reported for each
+    by_source = m["held_out_after_by_source"]
+    assert sum(v["n"] for v in by_source.values()) == m["n_eval"] == 2 and len(by_source) == 2
 
 
 def test_flag_and_input_errors(setup):

@@ -25,6 +25,8 @@ Held-out split: --eval-frac of the distinct prompts (seeded by --seed), so no pr
 Accuracy (share of pairs with r_c > r_r; chance 0.5), mean margin r_c - r_r and the chosen / rejected
 reward mean and std are reported on it before and after training, and every --eval-every steps;
 --extra-eval files (e.g. data/eval/judge_labelled.jsonl turned into pairs) are scored before and after too.
+When the held-out pairs come from more than one `source` (label_preferences --sources), the accuracy after
+training is also reported per source (held_out_after_by_source).
 
 Outputs: --out gets the reward model in transformers' *ForSequenceClassification layout
 (minicai.reward.save_reward_model; load it with minicai.reward.load_reward_model), with reward_metrics.json,
@@ -123,7 +125,7 @@ def read_pairs(path, soft_labels=False) -> tuple:
             continue
         pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected, "p": float(p), "where": where,
                       "chosen_eos": row.get("chosen_finish_reason") != "length",
-                      "rejected_eos": row.get("rejected_finish_reason") != "length"})
+                      "rejected_eos": row.get("rejected_finish_reason") != "length", "source": str(row.get("source", ""))})
     return pairs, skipped
 
 
@@ -340,7 +342,12 @@ def main(argv=None):
     training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
                          title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
     train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
-    metrics = {"held_out_before": before, "held_out_after": after, "train_after": train_eval, "steps": step,
+    # a mix of pair sources (train.label_preferences --sources): does the model learn each one?
+    sources = sorted({e["source"] for e in held})
+    by_source = {s: evaluate(rm, [e for e in held if e["source"] == s], args.batch_size, pad_id, args.padding, autocast)
+                 for s in sources} if len(sources) > 1 else {}
+    metrics = {"held_out_before": before, "held_out_after": after, "held_out_after_by_source": by_source,
+               "train_after": train_eval, "steps": step,
                "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
                "extra_eval": {p: {"before": (extra_before or {}).get(p),
                                   "after": evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast)}
@@ -354,6 +361,8 @@ def main(argv=None):
     if after:
         print(f"reward_model: held-out before: {describe(before)}")
         print(f"reward_model: held-out after:  {describe(after)}")
+    for s, m in by_source.items():
+        print(f"reward_model: held-out after, source {s or '(none)'}: {describe(m)}")
     for p, m in metrics["extra_eval"].items():
         if m["before"]:
             print(f"reward_model: {p} before: {describe(m['before'])}")
