@@ -39,7 +39,8 @@ import torch.nn as nn
 from minicai import generate
 from minicai import training
 from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
-from minicai.io import append_jsonl, read_jsonl
+from minicai.constitution import prompt_kind
+from minicai.io import append_jsonl, read_jsonl, read_jsonl_lines
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.rl import (ValueHead, collate, load_prompts, peak_memory_mb, response_logprobs, score_sequences,
@@ -75,6 +76,11 @@ parser.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty beta
 parser.add_argument("--kl-target", type=float, default=None, help="target sequence KL (nats) for the adaptive controller; unset = fixed beta")
 parser.add_argument("--kl-horizon", type=int, default=10000, help="adaptive controller horizon (in rollouts)")
 parser.add_argument("--kl-estimator", choices=("k1", "k3"), default="k1", help="per-token KL estimator in the reward")
+parser.add_argument("--classifier-reward", type=float, default=0.0,
+                    help="add this x [the response classifier's class is the one the prompt's kind expects: refuse "
+                         "harmful, comply benign] to the reward-model score (minicai.reward.VerdictReward; 0 = off)")
+parser.add_argument("--classifier", choices=("head", "rules"), default="head",
+                    help="classifier for --classifier-reward: head (validated, loads the default model) or rules")
 parser.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of responses without EOS (0 = off)")
 parser.add_argument("--sample-every", type=int, default=10, help="print and save sample completions every N steps (0 = never)")
 parser.add_argument("--save-every", type=int, default=25, help="write the resumable training state every N steps")
@@ -241,13 +247,33 @@ def train_loop(c):
                 c.guard.save(c.trainable, c.opt, step + 1, extra={"kl_coef": c.kl_ctl.value}, final=step + 1 == c.end)
 
 
+def prompt_kinds(paths) -> list:
+    """harmful / benign for every prompt row, in load_prompts' order (the verdict reward routes by it)."""
+    return [prompt_kind(row) if "kind" in row or "category" in row else _no_kind(f"{path}:{lineno}")
+            for path in paths for lineno, row in read_jsonl_lines(path)]
+
+
+def _no_kind(where):
+    raise ValueError(f"{where}: --classifier-reward needs each prompt's 'kind' or 'category' (harmful / legitimate)")
+
+
+def verdict_reward(score, tok, prompts, args):
+    """The reward model's score plus the classifier's verdict bonus (minicai.reward.VerdictReward)."""
+    from minicai.refusal_head import ResponseClassifier, load_classifier
+    from minicai.reward import VerdictReward
+
+    classifier = load_classifier(device=args.device) if args.classifier == "head" else ResponseClassifier()
+    return VerdictReward(score, classifier, tok, [(p["ids"], p["text"], p["kind"]) for p in prompts],
+                         args.classifier_reward)
+
+
 def main(argv=None, reward_fn=None):
     """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
     args = parser.parse_args(argv)
     training.check_flags(args, ge1="steps batch_size minibatch_size ppo_epochs max_new_tokens save_every max_prompt_tokens",
                          pos="temperature lr vf_lr_mult kl_horizon", unit="lr_min_ratio gamma lam",
                          nonneg="warmup weight_decay grad_clip cliprange cliprange_value vf_coef kl_coef kl_target "
-                                "no_eos_penalty sample_every stop_after")
+                                "no_eos_penalty sample_every stop_after classifier_reward")
     if args.minibatch_size > args.batch_size:
         raise ValueError(f"--minibatch-size {args.minibatch_size} > --batch-size {args.batch_size}")
     if args.batch_size < 2:
@@ -276,16 +302,19 @@ def main(argv=None, reward_fn=None):
         reward_fn = rm
 
     ctx = policy.config.max_position_embeddings
+    kinds = prompt_kinds(args.prompts) if args.classifier_reward else [None] * len(raw_prompts)
     prompts, skipped = [], 0
-    for messages in raw_prompts:
+    for messages, kind in zip(raw_prompts, kinds):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         if len(ids) > args.max_prompt_tokens or len(ids) + args.max_new_tokens > ctx:
             skipped += 1
         else:
-            prompts.append({"ids": ids, "text": messages[-1]["content"]})
+            prompts.append({"ids": ids, "text": messages[-1]["content"], "kind": kind})
     print(f"ppo: {len(prompts)} prompts ({skipped} skipped: longer than --max-prompt-tokens or the context)")
     if len(prompts) < 1:
         raise ValueError("no usable prompts")
+    if args.classifier_reward:
+        reward_fn = verdict_reward(reward_fn, tok, prompts, args)
     resuming = training.start_run(args.out, args, logs=("log.jsonl", "samples.jsonl", "curves.png"),
                                   outputs=(os.path.join(args.out, "final"),), run_flag="--out")
     guard = training.DivergenceGuard(state_dir, None, 0)
