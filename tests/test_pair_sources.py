@@ -79,6 +79,12 @@ class ScriptedPolicy:
         return out
 
 
+DEMOS = [{"prompt": "D1 a demonstration request", "response": "DEMO-BAD", "principle": "harm", "critique": "c",
+          "revision": "DEMO-GOOD"}]
+DEMO_CLASSES = {("DEMO-GOOD", "harmful"): "refuse", ("DEMO-BAD", "harmful"): "comply",   # both sides for harmful
+                ("DEMO-GOOD", "benign"): "comply", ("DEMO-BAD", "benign"): "nonanswer"}  # only the chosen side for benign
+
+
 class ScriptedClassifier:
     def __init__(self):
         self.rows = []
@@ -88,7 +94,8 @@ class ScriptedClassifier:
         out = []
         for r in rows:
             m = re.fullmatch(r"(POS|NEG|PLAIN) (Q\d) try(\d)", r["response"])
-            out.append(SCRIPT[m.group(2)][m.group(1)][int(m.group(3))] if m else "nonanswer")
+            out.append(SCRIPT[m.group(2)][m.group(1)][int(m.group(3))] if m else
+                       DEMO_CLASSES.get((r["response"], r["kind"]), "nonanswer"))
         return out
 
 
@@ -99,7 +106,9 @@ def setup(tmp_path, tiny_chat_model_dir, monkeypatch):
     const = tmp_path / "constitution.txt"
     const.write_text(CONSTITUTION)
     prompts = write_rows(tmp_path / "prompts.jsonl", PROMPTS)
+    demos = write_rows(tmp_path / "demos.jsonl", DEMOS)
     common = ["--model", tiny_chat_model_dir, "--prompts", prompts, "--constitution", str(const), "--best-of", "2",
+              "--fewshot-file", demos,
               "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--quiet"]
     return dict(policy=policy, common=common, out=tmp_path / "pairs.jsonl", tmp=tmp_path)
 
@@ -127,8 +136,15 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
         assert r["prompt"] == [{"role": "user", "content": next(p["prompt"] for p in PROMPTS if p["id"] in r["id"])}]
         assert r["soft_label"] == 1.0 and r["chosen_finish_reason"] == "stop_token"
     # the "any" contrast (honesty) is never drawn: it is no refuse / comply contrast; the classifier sees the request
-    assert not any("POS-A" in c or "NEG-A" in c for c in setup["policy"].calls)
-    assert {r["request"] for r in clf.rows} == {p["prompt"] for p in PROMPTS}
+    calls = setup["policy"].calls
+    assert not any("POS-A" in c or "NEG-A" in c for c in calls)
+    assert {r["request"] for r in clf.rows} == {p["prompt"] for p in PROMPTS} | {DEMOS[0]["prompt"]}
+    # demonstrations that pass the gate precede the prompt: harmful both sides, benign the chosen side only
+    side = lambda c: next((t for t in ("POS-H", "NEG-H", "POS-B", "NEG-B") if t in c), "PLAIN")
+    shown = {(side(c), "DEMO-GOOD" in c, "DEMO-BAD" in c) for c in calls}
+    assert shown == {("POS-H", True, False), ("NEG-H", False, True), ("POS-B", True, False), ("NEG-B", False, False),
+                     ("PLAIN", False, False)}
+    assert [(r["chosen_shots"], r["rejected_shots"]) for r in (c1, c4, r4)] == [(1, 1), (1, 0), (0, 0)]
     drops = [json.loads(l) for l in open(setup["tmp"] / "pairs.dropped.jsonl")]
     assert {(d["id"], d["reason"]) for d in drops} == {("contrastive:h2", "chosen_failed"), ("contrastive:h3", "rejected_failed"),
                                                        ("contrastive:b5", "both_failed"), ("reversed:b5", "rejected_failed")}
@@ -206,6 +222,9 @@ def test_flag_and_input_errors(setup):
     plain.write_text(CONSTITUTION.split("[compare helpful]")[0])
     with pytest.raises(ValueError, match="applies: benign"):
         run(setup, "--sources", "reversed", "--constitution", str(plain))
+    bad_demo = write_rows(setup["tmp"] / "bad_demos.jsonl", [dict(DEMOS[0], principle="nope")])
+    with pytest.raises(ValueError, match=r"bad_demos.jsonl:1: unknown critique principle"):
+        run(setup, "--sources", "contrastive", "--fewshot-file", bad_demo)
     assert not setup["out"].exists()
 
 

@@ -22,8 +22,12 @@
                classifier calls comply is chosen over one sampled under a benign principle's `negative`
                (refusing) instruction that it calls refuse/partial, so DPO and the reward model also learn the
                half of the calibration table where refusing is the error.
-For contrastive and reversed, --best-of N samples N responses per side and pairs the first passing one of each;
-prompts with no passing pair are dropped and counted. Drops of every source (identical or empty samples, failed
+For contrastive and reversed, each sampled side also sees up to --fewshot demonstration exchanges before the
+prompt (from --fewshot-file, principles routed to the prompt's kind): revisions on the preferred side, initial
+responses on the other, each one checked by the same classifier gate. A deviation from RLCD's instruction-only
+prompts: the default 135M model ignores the instruction (measured: under the positive instruction alone it
+refused 0 of 12 harmful prompts in 48 samples). --best-of N samples N responses per side and pairs the first
+passing one of each; prompts with no passing pair are dropped and counted. Drops of every source (identical or empty samples, failed
 gates, unchanged revisions) go to OUT stem + ".dropped.jsonl" with their reason and classes.
 
 Output (--out, JSONL): TRL's conversational preference format - prompt (message list), chosen and rejected (one
@@ -61,8 +65,8 @@ import torch
 from tqdm import tqdm
 
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
-from minicai.constitution import (DEFAULT_CONSTITUTION, KINDS, Constitution, as_messages, load_constitution,
-                                  prompt_kind, row_messages)
+from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, as_messages,
+                                  load_constitution, load_fewshot, prompt_kind, row_messages)
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_calibrated, judge_report, load_labelled_pairs, pairwise_question
@@ -89,6 +93,10 @@ parser.add_argument("--max-new-tokens", type=int, default=96, help="length cap o
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the responses")
 parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of the responses")
 parser.add_argument("--best-of", type=int, default=4, help="contrastive / reversed: samples per side to find a passing pair")
+parser.add_argument("--fewshot", type=int, default=2,
+                    help="contrastive / reversed: demonstration exchanges before each sampled side (0 = the instruction alone)")
+parser.add_argument("--fewshot-file", default=str(DEFAULT_FEWSHOT),
+                    help="demonstrations (critique-revision few-shot format): revisions show the preferred side, initial responses the other")
 parser.add_argument("--classifier", default="head", choices=("head", "rules"),
                     help="gate of contrastive / reversed: rules + learnt head on the default model, or the rules alone")
 parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation / judging chunk")
@@ -271,13 +279,30 @@ def contrast_pool(constitution, kind) -> Constitution:
     return Constitution([], pool, constitution.path)
 
 
-def with_instruction(messages, instruction) -> list:
-    """The conversation with `instruction` as its system turn (before an existing system text); "" = unchanged."""
-    if not instruction:
-        return messages
-    if messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{instruction}\n\n{messages[0]['content']}"}] + messages[1:]
-    return [{"role": "system", "content": instruction}] + messages
+def conditioned(messages, instruction, shots) -> list:
+    """The conversation one side is sampled from: `instruction` as the system turn (before an existing system
+    text), then the demonstration exchanges `shots`, then the prompt."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    text = "\n\n".join(t for t in (instruction, system[0]["content"] if system else "") if t)
+    return ([{"role": "system", "content": text}] if text else []) + [m for s in shots for m in s] + messages[len(system):]
+
+
+def demonstration_shots(demos, classifier, n) -> dict:
+    """Up to n demonstration exchanges per (prompt kind, side), from demonstrations whose principle applies to the
+    kind: the chosen side shows revisions the classifier gives the expected class, the rejected side initial
+    responses with the opposite verdict (the classifier checks the demonstrations as it checks the samples)."""
+    cands = [(kind, side, d, text) for d in demos
+             for kind in (KINDS if d.principle.applies == "any" else (d.principle.applies,))
+             for side, text in (("chosen", d.revision), ("rejected", d.response))]
+    labels = classifier.classify_many([dict(request=d.messages[-1]["content"], response=text, kind=kind)
+                                       for kind, side, d, text in cands]) if cands else []
+    shots = {(kind, side): [] for kind in KINDS for side in ("chosen", "rejected")}
+    for (kind, side, d, text), label in zip(cands, labels):
+        passes = (expected_verdict if side == "chosen" else opposite_verdict)(label, kind)
+        if passes and len(shots[kind, side]) < n:
+            turns = [m for m in d.messages if m["role"] != "system"]
+            shots[kind, side].append(turns + [{"role": "assistant", "content": text.strip()}])
+    return shots
 
 
 def first_passing(labels, texts, ok) -> int | None:
@@ -288,13 +313,14 @@ def first_passing(labels, texts, ok) -> int | None:
 def gated_chunk(source, chunk, policy, tok, ctx, args):
     """contrastive / reversed: --best-of samples per side, classified; the first passing candidate of each side
     makes the pair, else the prompt is dropped with its reason. Returns (pairs, drops)."""
-    n, sides = args.best_of, []
+    n, sides, shots = args.best_of, [], ctx["shots"]
     for r in chunk:
         kind = "benign" if source == "reversed" else r["kind"]
         p = ctx["pools"][kind].sample_comparison(random.Random(f"{args.seed}:{source}:{r['id']}"))
         sides.append((p, p.positive if source == "contrastive" else "", p.negative))
-    convs = [with_instruction(r["messages"], s[1]) for r, s in zip(chunk, sides)] + \
-            [with_instruction(r["messages"], s[2]) for r, s in zip(chunk, sides)]
+    # reversed: the chosen side is the plain prompt, no instruction and no demonstrations
+    convs = [conditioned(r["messages"], s[1], shots[r["kind"], "chosen"] if s[1] else []) for r, s in zip(chunk, sides)] + \
+            [conditioned(r["messages"], s[2], shots[r["kind"], "rejected"]) for r, s in zip(chunk, sides)]
     gens = generate(policy, [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs],
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, num_samples=n,
                     seed=chunk_seed(args.seed, [source] + [r["id"] for r in chunk]), tokenizer=tok)
@@ -319,6 +345,8 @@ def gated_chunk(source, chunk, policy, tok, ctx, args):
             "rejected": [{"role": "assistant", "content": texts[(len(chunk) + i) * n + j]}],
             "soft_label": 1.0, "source": source, "kind": r["kind"], "principle": principle.name,
             "chosen_instruction": chosen_instruction, "rejected_instruction": rejected_instruction,
+            "chosen_shots": len(shots[r["kind"], "chosen"]) if chosen_instruction else 0,
+            "rejected_shots": len(shots[r["kind"], "rejected"]),
             "chosen_class": labels[good][c], "rejected_class": labels[bad][j], "chosen_try": c, "rejected_try": j,
             "chosen_finish_reason": gc.finish_reason, "rejected_finish_reason": gr.finish_reason,
             "policy": args.model, "classifier": args.classifier, "seed": args.seed,
@@ -436,8 +464,8 @@ def check_args(args) -> list:
     sources = parse_sources(args.sources)
     if args.dtype == "auto":
         args.dtype = generation_dtype(args.device)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1:
-        raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1 or args.fewshot < 0:
+        raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1, --fewshot >= 0")
     if ("revision" in sources) != bool(args.revisions):
         raise ValueError("--revisions FILE goes with the revision source (--sources ...,revision) and only with it")
     check_output_path(args.out, "file")
@@ -446,7 +474,7 @@ def check_args(args) -> list:
 
 
 def prompt_plan(args, sampled):
-    """(constitution, prompt rows, contrast pools by kind) for the sampled sources; kinds checked up front."""
+    """(constitution, prompt rows, contrast pools by kind, demonstrations) for the sampled sources, checked up front."""
     constitution = load_constitution(args.constitution)
     rows = load_prompt_rows(args.prompts, args.limit)
     needed = set()
@@ -457,7 +485,8 @@ def prompt_plan(args, sampled):
                              f"need to know whether the prompt is harmful or benign")
         needed = {r["kind"] for r in rows} if "contrastive" in sampled else set()
         needed |= {"benign"} if "reversed" in sampled else set()
-    return constitution, rows, {k: contrast_pool(constitution, k) for k in sorted(needed)}
+    demos = load_fewshot(args.fewshot_file, constitution) if needed and args.fewshot else []
+    return constitution, rows, {k: contrast_pool(constitution, k) for k in sorted(needed)}, demos
 
 
 def main(argv=None, classifier=None):
@@ -466,7 +495,7 @@ def main(argv=None, classifier=None):
     sources = check_args(args)
     labelled = load_labelled_pairs(args.agreement) if args.agreement else None  # checked before any work
     sampled = [s for s in sources if s != "revision"]
-    constitution, rows, pools = prompt_plan(args, sampled) if sampled else (None, [], {})
+    constitution, rows, pools, demos = prompt_plan(args, sampled) if sampled else (None, [], {}, [])
     paths = dict(out=args.out, dropped=os.path.splitext(args.out)[0] + ".dropped.jsonl", batch_size=args.batch_size)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -477,6 +506,8 @@ def main(argv=None, classifier=None):
     if sampled:
         policy, tok, ctx = load_models(args, sampled, classifier)
         ctx.update(constitution=constitution, pools=pools)
+        if "classifier" in ctx:
+            ctx["shots"] = demonstration_shots(demos, ctx["classifier"], args.fewshot)
         for source in sampled:
             todo = [r for r in rows if r["kind"] == "benign"] if source == "reversed" else rows
             fn = ((lambda c: ai_chunk(c, policy, tok, ctx, args)) if source == "ai" else
