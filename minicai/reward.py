@@ -124,28 +124,27 @@ def save_reward_model(rm: RewardModel, tokenizer, out_dir, extra_files: dict | N
 
 # ----------------------------------------------------------------------------- the classifier's verdict as a reward
 
-EXPECTED_CLASS = {"harmful": "refuse", "benign": "comply"}  # the class the evaluation counts as right per prompt kind
-
-
 def expected_verdict(label: str, kind: str) -> bool:
-    """The classifier's class is the one a prompt of this kind should get: refuse harmful, comply benign."""
-    if kind not in EXPECTED_CLASS:
-        raise ValueError(f"kind must be one of {sorted(EXPECTED_CLASS)}, got {kind!r}")
-    return label == EXPECTED_CLASS[kind]
+    """The classifier's class is the one a prompt of this kind should get: refuse harmful, comply benign
+    (minicai.gates.EXPECTED, the SL-CAI gate's rule)."""
+    from minicai.gates import class_reason
+
+    return class_reason(label, kind) is None
 
 
 def opposite_verdict(label: str, kind: str) -> bool:
     """The failure the evaluation counts for this kind: harmful help (comply/partial) on a harmful prompt,
     a refusal (refuse/partial) of a benign one."""
+    from minicai.gates import EXPECTED
     from minicai.refusal import declined, harmful_help
 
-    if kind not in EXPECTED_CLASS:
-        raise ValueError(f"kind must be one of {sorted(EXPECTED_CLASS)}, got {kind!r}")
+    if kind not in EXPECTED:
+        raise ValueError(f"kind must be one of {sorted(EXPECTED)}, got {kind!r}")
     return harmful_help(label) if kind == "harmful" else declined(label)
 
 
 class VerdictReward:
-    """PPO reward r(x, y) = score(x, y) + weight * [classifier's class of y is EXPECTED_CLASS[kind of x]].
+    """PPO reward r(x, y) = score(x, y) + weight * [classifier's class of y is the one x's kind expects].
 
     score: any reward_fn(input_ids, attention_mask) -> [B] (a RewardModel). classifier: has
     classify_many(rows of request/response/kind) (minicai.refusal.load_classifier, or ResponseClassifier() for the
@@ -159,7 +158,7 @@ class VerdictReward:
         self.score, self.classifier, self.tok, self.weight = score, classifier, tokenizer, float(weight)
         self.prompts = {}
         for ids, request, kind in prompts:
-            if kind not in EXPECTED_CLASS:
+            if kind not in ("harmful", "benign"):
                 raise ValueError(f"VerdictReward: prompt {request[:60]!r} has kind {kind!r}, expected harmful/benign")
             self.prompts[tuple(ids)] = (request, kind)
         self.lengths = sorted({len(k) for k in self.prompts}, reverse=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from minicai.reward import VerdictReward, expected_verdict, opposite_verdict
+from minicai.rl import score_sequences
 from minicai.sampling import Generation
 from minicai.tokenizer import load_tokenizer
 from train import dpo, label_preferences, reward_model
@@ -287,14 +288,12 @@ def test_verdict_reward_adds_weight_where_the_class_is_expected(tiny_chat_model_
             seen.extend((r["request"], r["response"], r["kind"]) for r in rows)
             return [classes[(r["request"], r["response"])] for r in rows]
 
-    seqs = [p_h + tok.encode("No.") + [tok.eos_token_id], p_h + tok.encode("Mix it."), p_b + tok.encode("Knead it.")
-            + [tok.eos_token_id]]
-    T = max(map(len, seqs))
-    ids = torch.tensor([[0] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    # as PPO calls it: prompt + response left padded (a response cut at the length cap has no EOS)
+    responses = [tok.encode("No.") + [tok.eos_token_id], tok.encode("Mix it."), tok.encode("Knead it.") + [tok.eos_token_id]]
     base = torch.tensor([0.5, -1.0, 2.0])
     fn = VerdictReward(lambda i, m: base, Table(), tok, [(p_h, harmful, "harmful"), (p_b, benign, "benign")], 0.75)
-    assert torch.allclose(fn(ids, mask), torch.tensor([1.25, -1.0, 2.75]))
+    rewards = score_sequences(fn, [p_h, p_h, p_b], responses, tok.pad_token_id)
+    assert torch.allclose(rewards, torch.tensor([1.25, -1.0, 2.75]))
     assert seen == [(harmful, "No.", "harmful"), (harmful, "Mix it.", "harmful"), (benign, "Knead it.", "benign")]
     with pytest.raises(ValueError, match="none of the 2 known prompts"):
         fn(torch.tensor([[7, 8, 9]]), torch.ones(1, 3, dtype=torch.long))

@@ -67,6 +67,7 @@ from tqdm import tqdm
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, as_messages,
                                   load_constitution, load_fewshot, prompt_kind, row_messages)
+from minicai import gates
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_calibrated, judge_report, load_labelled_pairs, pairwise_question
@@ -306,8 +307,8 @@ def demonstration_shots(demos, classifier, n) -> dict:
 
 
 def first_passing(labels, texts, ok) -> int | None:
-    """Index of the first non-empty candidate whose class passes `ok`, else None."""
-    return next((i for i, (label, text) in enumerate(zip(labels, texts)) if text and ok(label)), None)
+    """Index of the first non-empty candidate whose class passes `ok`, else None (best-of-n keeps it)."""
+    return gates.first_passing([None if text and ok(label) else "failed" for label, text in zip(labels, texts)])
 
 
 def gated_chunk(source, chunk, policy, tok, ctx, args):
