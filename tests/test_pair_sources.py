@@ -154,6 +154,7 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
     assert report["contrastive"]["pairs"] == 2 and report["contrastive"]["dropped"] == {
         "chosen_failed": 1, "rejected_failed": 1, "both_failed": 1}
     assert report["reversed"]["pairs"] == 1 and report["reversed"]["dropped"] == {"rejected_failed": 1}
+    assert report["contrastive"]["by_principle"] == {"helpful": {"pairs": 1, "dropped": 1}, "safe": {"pairs": 1, "dropped": 2}}
 
 
 def test_resume_redoes_only_missing_rows(setup):

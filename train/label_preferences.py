@@ -64,10 +64,10 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from minicai import gates
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, as_messages,
                                   load_constitution, load_fewshot, prompt_kind, row_messages)
-from minicai import gates
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_calibrated, judge_report, load_labelled_pairs, pairwise_question
@@ -377,13 +377,12 @@ def verdict_rule_agreement(classifier, rows) -> dict:
     return out
 
 
-def run_source(source, rows, label_fn, paths, done, quiet) -> list:
+def run_source(source, rows, label_fn, paths, done, args) -> list:
     """Label `rows` in fixed chunks through label_fn(chunk) -> (pairs, drops); append what is not done yet."""
-    size = paths["batch_size"]
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    chunks = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     todo = [c for c in chunks if any(f"{source}:{r['id']}" not in done for r in c)]
     written = []
-    for chunk in tqdm(todo, desc=source, unit="chunk", disable=quiet, dynamic_ncols=True):
+    for chunk in tqdm(todo, desc=source, unit="chunk", disable=args.quiet, dynamic_ncols=True):
         # the whole chunk is redone (same seed, same samples) and only its missing rows are written
         pairs, drops = label_fn(chunk)
         for path, items in ((paths["out"], pairs), (paths["dropped"], drops)):
@@ -422,15 +421,22 @@ def source_agreement(sources, labelled, ctx, args) -> dict:
 
 def build_report(sources, paths, agreement, written, seconds) -> dict:
     """Pairs and drops per source as they stand in the files, this run's counts, and each source's agreement."""
-    in_file = Counter(r.get("source") for r in read_jsonl_tolerant(paths["out"]))
-    drops = {}
-    for r in read_jsonl_tolerant(paths["dropped"]):
+    pairs, dropped = read_jsonl_tolerant(paths["out"]), read_jsonl_tolerant(paths["dropped"])
+    in_file = Counter(r.get("source") for r in pairs)
+    drops, by_principle = {}, {}
+    for r in dropped:
         drops.setdefault(r.get("source"), Counter())[r.get("reason")] += 1
+    for what, rows in (("pairs", pairs), ("dropped", dropped)):  # which contrasts the gate lets through
+        for r in rows:
+            if r.get("source") in ("contrastive", "reversed"):
+                by_principle.setdefault(r["source"], {}).setdefault(r.get("principle"), Counter())[what] += 1
     run = Counter(r["source"] for r in written)
     report = {"out": paths["out"], "dropped_file": paths["dropped"], "seconds": round(seconds, 1), "sources": {}}
     for s in list(sources) + sorted(set(in_file) - set(sources)):
         report["sources"][s] = dict(pairs=in_file.get(s, 0), dropped=dict(drops.get(s, {})),
                                     written_this_run=run.get(s, 0), **agreement.get(s, {}))
+        if s in by_principle:
+            report["sources"][s]["by_principle"] = {p: dict(c) for p, c in sorted(by_principle[s].items())}
     ai = [r for r in written if r["source"] == "ai"]
     if ai:  # how often the two option orders pick different winners, before and after calibration
         flips = lambda a, b: sum((r[a] > 0.5) != (r[b] > 0.5) for r in ai) / len(ai)
@@ -497,7 +503,7 @@ def main(argv=None, classifier=None):
     labelled = load_labelled_pairs(args.agreement) if args.agreement else None  # checked before any work
     sampled = [s for s in sources if s != "revision"]
     constitution, rows, pools, demos = prompt_plan(args, sampled) if sampled else (None, [], {}, [])
-    paths = dict(out=args.out, dropped=os.path.splitext(args.out)[0] + ".dropped.jsonl", batch_size=args.batch_size)
+    paths = dict(out=args.out, dropped=os.path.splitext(args.out)[0] + ".dropped.jsonl")
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     done = {r.get("id") for p in (paths["out"], paths["dropped"]) for r in read_jsonl_tolerant(p)}
@@ -513,7 +519,7 @@ def main(argv=None, classifier=None):
             todo = [r for r in rows if r["kind"] == "benign"] if source == "reversed" else rows
             fn = ((lambda c: ai_chunk(c, policy, tok, ctx, args)) if source == "ai" else
                   (lambda c, s=source: gated_chunk(s, c, policy, tok, ctx, args)))
-            written += run_source(source, todo, fn, paths, done, args.quiet)
+            written += run_source(source, todo, fn, paths, done, args)
     seconds = time.time() - t0
     agreement = source_agreement(sources, labelled, ctx, args) if labelled else {}
     report = build_report(sources, paths, agreement, written, seconds)
