@@ -186,7 +186,8 @@ def test_dropped_file_report_and_resume(tmp_path, tiny_chat_model_dir, files, mo
     assert [(r["id"], r["final"], r["final_finish_reason"]) for r in kept] == [("b2", BREAD, "cut")]
     assert read_sft_rows(str(out))[0]["add_eos"] is True
     report = json.load(open(tmp_path / "run" / "rev.report.json"))
-    assert (report["kept"], report["dropped"]) == (1, 3) and report["by_mode"]["direct"]["benign"]["kept_fraction"] == 0.5
+    assert (report["kept"], report["dropped"]) == (1, 3)
+    assert report["by_mode"]["direct"]["benign"]["kept_fraction"] == 0.5
 
     monkeypatch.setattr(cr, "sample_batch", lambda *a, **k: pytest.fail("a finished row was redone"))
     assert cr.main(argv(tiny_chat_model_dir, files, out, "--mode", "direct", "--gate", "rules")) == []

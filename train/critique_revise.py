@@ -92,7 +92,8 @@ parser.add_argument("--out", required=True, help="output JSONL of kept rows (app
                                                  "<stem>.dropped.jsonl are skipped)")
 parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all)")
 parser.add_argument("--mode", choices=MODES, default="critique",
-                    help="critique -> revision, direct revision (no critique) or distill (principles + demos in context)")
+                    help="critique -> revision, direct revision (no critique), or distill (principles + demos in the "
+                         "prompt, which the SFT row leaves out)")
 parser.add_argument("--gate", choices=("head", "rules", "off"), default="off",
                     help="classifier of the gate: the learnt head (default model only, else rules), the rules, or "
                          "off (keep every first candidate)")
@@ -206,7 +207,8 @@ def distill_messages(prompt_messages, principles, fewshot=()) -> list:
         system, prompt_messages = system + "\n\n" + prompt_messages[0]["content"], prompt_messages[1:]
     turns = [{"role": "system", "content": system}]
     for d in fewshot:
-        turns += [m for m in d.messages if m["role"] != "system"] + [{"role": "assistant", "content": d.revision.strip()}]
+        turns += [m for m in d.messages if m["role"] != "system"]
+        turns.append({"role": "assistant", "content": d.revision.strip()})
     return turns + prompt_messages
 
 
@@ -352,7 +354,8 @@ def process_batch(batch, models, constitution, demos, args) -> list:
         current = list(initial)
         for r in range(args.rounds):
             last = r == args.rounds - 1
-            recs = revision_round(batch, current, rngs, models, constitution, demos, args, r, args.best_of if last else 1)
+            recs = revision_round(batch, current, rngs, models, constitution, demos, args, r,
+                                  args.best_of if last else 1)
             if last:
                 candidates = recs
                 break
@@ -394,8 +397,9 @@ def gate_rows(rows, classifier, constitution, args) -> list:
         for c in o["candidates"]:
             c["target"] = cut_sentences(c["text"], args.cut_sentences)
             c["cut"] = c["target"] != c["text"].strip()
-            c["reason"] = text_reason(c["target"], prompt, c.get("critique", ""), instruction) if classifier else None
-            if classifier and c["reason"] is None:
+            c["reason"] = None if classifier is None else text_reason(c["target"], prompt, c.get("critique", ""),
+                                                                      instruction)
+            if classifier is not None and c["reason"] is None:
                 to_classify.append((o, c))
     if to_classify:
         labels = classifier.classify_many([dict(request=o["messages"][-1]["content"], response=c["target"],
@@ -451,7 +455,8 @@ def check_args(args) -> None:
     if args.rounds < 1 or args.batch_size < 1 or args.n_fewshot < 0 or args.max_new_tokens < 1:
         raise ValueError("--rounds, --batch-size and --max-new-tokens must be >= 1 and --n-fewshot >= 0")
     if args.best_of < 1 or args.cut_sentences < 0:
-        raise ValueError(f"--best-of must be >= 1 and --cut-sentences >= 0, got {args.best_of} and {args.cut_sentences}")
+        raise ValueError(f"--best-of must be >= 1 and --cut-sentences >= 0, got {args.best_of} and "
+                         f"{args.cut_sentences}")
     for path in (args.out,) + side_paths(args.out):
         check_output_path(path, "file")
     resolve_device(args.device)
