@@ -12,15 +12,17 @@ def run_tiny(model_dir, out, *extra):
 
 
 def test_config_overrides_and_validation(tmp_path):
-    cfg, _ = pipeline.resolve_config(["--preset", "tiny", "--sft-steps", "5", "--dpo-source", "revisions"])
-    assert cfg.sft_steps == 5 and cfg.dpo_source == "revisions"
+    cfg, _ = pipeline.resolve_config(["--preset", "tiny", "--sft-steps", "5", "--pref-sources", "revision,ai"])
+    assert cfg.sft_steps == 5 and cfg.pref_sources == "revision,ai"
     assert cfg.cr_prompts == pipeline.PRESETS["tiny"]["cr_prompts"]      # preset value kept
     assert pipeline.resolve_config([])[0].sft_steps == pipeline.PipelineConfig().sft_steps  # cpu-demo = defaults
-    for bad in (["--no-such-field", "1"], ["--sft-steps", "many"], ["--dpo-source", "magic"], ["--preset", "huge"]):
+    for bad in (["--no-such-field", "1"], ["--sft-steps", "many"], ["--cr-mode", "magic"], ["--preset", "huge"]):
         with pytest.raises(SystemExit):
             pipeline.resolve_config(bad)
     with pytest.raises(ValueError, match="sft_steps"):
         pipeline.resolve_config(["--sft-steps", "0"])
+    with pytest.raises(ValueError, match="pref_sources"):
+        pipeline.resolve_config(["--pref-sources", "ai,magic"])
     with pytest.raises(ValueError, match="ppo_lr"):
         pipeline.resolve_config(["--ppo-lr", "-1"])
     with pytest.raises(ValueError, match="red_team_prompts"):
@@ -52,7 +54,11 @@ def test_pipeline_end_to_end_skip_and_resume(tiny_chat_model_dir, tmp_path, monk
     report = run_tiny(tiny_chat_model_dir, out)
     rows = [json.loads(line) for line in open(out / "01_critique_revise" / "revisions.jsonl")]
     ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)) == pipeline.PRESETS["tiny"]["cr_prompts"]  # nothing lost, nothing duplicated
+    tiny = pipeline.PRESETS["tiny"]
+    assert len(ids) == len(set(ids)) == tiny["cr_prompts"] + tiny["cr_benign"]  # nothing lost, nothing duplicated
+    assert {r["kind"] for r in rows} == {"harmful", "benign"}  # both kinds through SL-CAI
+    text = open(report).read()
+    assert "Training data: modes, gates, sources" in text and "| distill | benign |" in text
 
     text = open(report).read()
     for label in ("base", "SL-CAI", "RL-CAI (PPO)", "RL-CAI (DPO)"):

@@ -45,16 +45,26 @@ class PipelineConfig:
     backend: str = "torch"              # "torch" twins or "triton" kernels (attention + log-probs, CUDA)
     red_team_prompts: str = "data/red_team_prompts.jsonl"  # stage-1 and PPO prompts (harmful, jailbreaks)
     helpful_prompts: str = "data/helpful_prompts.jsonl"    # helpful data mixed into SFT, labelling and PPO
+    lookalike_prompts: str = "data/benign_lookalikes.jsonl"  # benign look-alikes (XSTest's ten types): SL-CAI, pairs, PPO
     batch_size: int = 8                 # generation batch of every stage
-    cr_prompts: int = 16                # red-team prompts through critique -> revision
-    cr_rounds: int = 1                  # critique -> revision rounds per prompt
-    cr_fewshot: int = 1                 # few-shot demonstrations before each critique
+    cr_prompts: int = 16                # red-team prompts through SL-CAI data (the harmful side)
+    cr_benign: int = 16                 # benign prompts (half helpful, half look-alikes) through the same mode and gate
+    cr_dna: int = 0                     # Do-Not-Answer training-split prompts added to the harmful side
+    cr_jailbreaks: int = 0              # training-split jailbreak templates filled with red-team requests (harmful side)
+    cr_mode: str = "distill"            # SL-CAI data: critique (-> revision), direct (revision naming the principle), distill
+    cr_gate: str = "head"               # gate on every candidate: head (validated classifier), rules, off
+    cr_best_of: int = 4                 # candidates per prompt; the first that passes the gate is kept
+    cr_cut_sentences: int = 2           # candidates cut to their first N sentences before the gate (0 = uncut)
+    cr_rounds: int = 1                  # critique -> revision rounds per prompt (critique and direct modes)
+    cr_fewshot: int = 1                 # few-shot demonstrations before each critique / revision / distill sample
     cr_max_new_tokens: int = 64         # cap on each response / critique / revision
     helpful_mix: int = 8                # helpful prompts answered by the base model and mixed into SFT
     sft_steps: int = 16                 # SFT optimizer steps
     sft_batch_size: int = 4             # SFT examples per step
     sft_lr: float = 2e-5                # SFT peak learning rate
-    label_prompts: int = 16             # prompts labelled by AI feedback (half red-team, half helpful)
+    label_prompts: int = 16             # prompts for preference pairs (half red-team, a quarter helpful, a quarter look-alikes)
+    pref_sources: str = "contrastive,reversed"  # pairs for the RM and DPO: comma list of ai, revision, contrastive, reversed
+    pref_best_of: int = 4               # contrastive / reversed: samples per side to find a pair the classifier passes
     label_max_new_tokens: int = 48      # length of each of the two sampled responses
     rm_steps: int = 12                  # reward-model optimizer steps
     rm_lr: float = 2e-5                 # reward-model peak learning rate
@@ -64,7 +74,7 @@ class PipelineConfig:
     ppo_lr: float = 3e-6                # PPO policy learning rate
     ppo_kl_coef: float = 0.05           # KL penalty beta (initial value if ppo_kl_target is set)
     ppo_kl_target: float = 0.0          # adaptive KL target in nats; 0 = fixed beta
-    dpo_source: str = "ai"              # DPO pairs: "ai" (AI feedback labels) or "revisions" (revision > initial)
+    ppo_classifier_reward: float = 1.0  # PPO reward += this x (classifier verdict is the one the prompt's kind expects)
     dpo_epochs: int = 1                 # passes over the DPO pairs
     dpo_lr: float = 1e-6                # DPO learning rate
     dpo_beta: float = 0.1               # DPO beta
@@ -88,14 +98,17 @@ PRESETS = {
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton"),
     # Minutes on a tiny model: the tests use it.
-    "tiny": dict(batch_size=4, cr_prompts=3, cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
+    "tiny": dict(batch_size=4, cr_prompts=3, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
+                 pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
                  eval_benchmarks="", eval_classifier="rules", redteam_new_prompts=2),
 }
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "backend": ("torch", "triton"), "dpo_source": ("ai", "revisions"), "eval_classifier": ("head", "rules")}
+           "backend": ("torch", "triton"), "cr_mode": ("critique", "direct", "distill"),
+           "cr_gate": ("head", "rules", "off"), "eval_classifier": ("head", "rules")}
+PAIR_SOURCES = ("ai", "revision", "contrastive", "reversed")
 
 
 def field_help() -> dict:
@@ -136,9 +149,15 @@ def validate(cfg: PipelineConfig) -> None:
                  "rm_steps", "ppo_steps", "ppo_batch_size", "ppo_max_new_tokens", "dpo_epochs", "eval_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"config {name}={getattr(cfg, name)!r}: must be >= 1")
-    for name in ("red_team_prompts", "helpful_prompts"):
+    for name in ("red_team_prompts", "helpful_prompts", "lookalike_prompts"):
         if not os.path.exists(getattr(cfg, name)):
             raise ValueError(f"config {name}: {getattr(cfg, name)} does not exist")
+    sources = cfg.pref_sources.split(",")
+    if len(set(sources)) != len(sources) or any(s not in PAIR_SOURCES for s in sources):
+        raise ValueError(f"config pref_sources={cfg.pref_sources!r}: expected a comma list of distinct names from "
+                         f"{', '.join(PAIR_SOURCES)}")
+    if cfg.cr_best_of < 1 or cfg.pref_best_of < 1:
+        raise ValueError("config cr_best_of and pref_best_of must be >= 1")
 
 
 # -- stages ------------------------------------------------------------------------------------------------
@@ -187,16 +206,53 @@ def write_prompt_subset(src, n, out) -> str:
     return out
 
 
+def tagged_rows(path, n, kind, skip=0) -> list:
+    """Rows skip .. skip+n of a prompt file, each tagged with its kind (routing and gates read it)."""
+    return [dict(r, kind=kind) for r in read_jsonl(path)[skip:skip + n]]
+
+
+def write_rows(rows, out) -> str:
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out
+
+
+def sl_cai_prompts(cfg, out) -> str:
+    """The SL-CAI prompt mix: red-team (+ Do-Not-Answer train, + training jailbreak templates) and benign prompts
+    (helpful ones after those stage 02 answers, and look-alikes), so the gate sees both kinds."""
+    from minicai.prompts import build_prompt_mix
+
+    half = cfg.cr_benign // 2
+    rows = tagged_rows(cfg.red_team_prompts, cfg.cr_prompts, "harmful")
+    rows += build_prompt_mix(red_team=0, helpful=0, lookalikes=0, dna_train=cfg.cr_dna,
+                             jailbreak_train=cfg.cr_jailbreaks, seed=cfg.seed)
+    rows += tagged_rows(cfg.helpful_prompts, half, "benign", skip=cfg.helpful_mix)
+    rows += tagged_rows(cfg.lookalike_prompts, cfg.cr_benign - half, "benign")
+    return write_rows(rows, out)
+
+
+def label_prompts(cfg, out) -> str:
+    """Pair prompts: half red-team, a quarter helpful, a quarter look-alikes (the reversed pairs' prompts); the
+    look-alikes used here are the ones after those SL-CAI saw."""
+    half, quarter = max(1, cfg.label_prompts // 2), max(1, cfg.label_prompts // 4)
+    rows = tagged_rows(cfg.red_team_prompts, half, "harmful")
+    rows += tagged_rows(cfg.helpful_prompts, quarter, "benign")
+    rows += tagged_rows(cfg.lookalike_prompts, cfg.label_prompts - half - quarter, "benign",
+                        skip=cfg.cr_benign - cfg.cr_benign // 2)
+    return write_rows(rows, out)
+
+
 def stage_critique_revise(st, d, model, prompts_file):
     from train import critique_revise
 
     c = st.cfg
     out = os.path.join(d, "revisions.jsonl")
-    critique_revise.main(st.common("--model", model, "--prompts", prompts_file, "--out", out,
+    critique_revise.main(st.common("--model", model, "--prompts", prompts_file, "--out", out, "--mode", c.cr_mode,
+                                   "--gate", c.cr_gate, "--best-of", str(c.cr_best_of),
+                                   "--cut-sentences", str(c.cr_cut_sentences),
                                    "--rounds", str(c.cr_rounds), "--n-fewshot", str(c.cr_fewshot),
                                    "--max-new-tokens", str(c.cr_max_new_tokens), "--batch-size", str(c.batch_size),
                                    *(["--critic-model", c.feedback_model] if c.feedback_model else [])))
-    return {"revisions": out}
+    return {"revisions": out, "report": os.path.splitext(out)[0] + ".report.json"}
 
 
 def stage_helpful(st, d):
@@ -225,26 +281,18 @@ def stage_sft(st, d, model, data, mix):
     return {"model": out, "loss_png": os.path.join(out, "loss.png"), "log": os.path.join(out, "train_log.jsonl")}
 
 
-def stage_label(st, d, policy):
+def stage_label(st, d, policy, revisions):
     from train import label_preferences
 
     c = st.cfg
-    half = max(1, c.label_prompts // 2) if c.label_prompts else 0
-    red = write_prompt_subset(c.red_team_prompts, half, os.path.join(d, "red_team.jsonl"))
-    helpful = write_prompt_subset(c.helpful_prompts, half, os.path.join(d, "helpful.jsonl"))
+    prompts = label_prompts(c, os.path.join(d, "prompts.jsonl"))
     out = os.path.join(d, "prefs.jsonl")
-    label_preferences.main(st.common("--model", policy, "--prompts", red, helpful, "--out", out,
+    label_preferences.main(st.common("--model", policy, "--prompts", prompts, "--out", out, "--sources", c.pref_sources,
+                                     "--best-of", str(c.pref_best_of), "--classifier", c.eval_classifier,
                                      "--max-new-tokens", str(c.label_max_new_tokens), "--batch-size", str(c.batch_size),
+                                     *(["--revisions", revisions] if "revision" in c.pref_sources.split(",") else []),
                                      *(["--feedback-model", c.feedback_model] if c.feedback_model else [])))
-    return {"prefs": out, "agreement": os.path.splitext(out)[0] + ".agreement.json"}
-
-
-def stage_revision_pairs(st, d, revisions):
-    from train import label_preferences
-
-    out = os.path.join(d, "prefs.jsonl")
-    label_preferences.main(["--from-revisions", revisions, "--out", out])
-    return {"prefs": out}
+    return {"prefs": out, "report": os.path.splitext(out)[0] + ".report.json"}
 
 
 def stage_reward_model(st, d, policy, prefs):
@@ -262,7 +310,9 @@ def stage_ppo(st, d, policy, rm):
     from train import ppo
 
     c = st.cfg
-    ppo.main(["--model", policy, "--reward-model", rm, "--prompts", c.red_team_prompts, c.helpful_prompts, "--out", d,
+    ppo.main(["--model", policy, "--reward-model", rm, "--prompts", c.red_team_prompts, c.helpful_prompts,
+              c.lookalike_prompts, "--out", d, "--classifier-reward", str(c.ppo_classifier_reward),
+              "--classifier", c.eval_classifier,
               "--steps", str(c.ppo_steps), "--batch-size", str(c.ppo_batch_size),
               "--minibatch-size", str(max(1, c.ppo_batch_size // 2)), "--max-new-tokens", str(c.ppo_max_new_tokens),
               "--lr", str(c.ppo_lr), "--kl-coef", str(c.ppo_kl_coef),
@@ -333,6 +383,40 @@ def stage_redteam_prompts(st, d, model, eval_results, round_no):
 
 # -- the report ----------------------------------------------------------------------------------------------
 
+def agreement_cell(v: dict) -> str:
+    """A source's agreement with the hand-labelled pairs as value [95% interval] k/n, and what was measured."""
+    a = v.get("agreement")
+    if not a:
+        return v.get("measured", "not measured")
+    decided = f"; decides {v['decided']} of {v['labelled_pairs']}" if "decided" in v else ""
+    chance = "" if v.get("beats_chance", True) else "; at chance"
+    return f"{a['value']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] {a['k']}/{a['n']}{decided}{chance} ({v['measured']})"
+
+
+def data_lines(cfg, outputs: dict) -> list:
+    """Which mode, gate and pair sources made each stage's data, with kept / dropped counts (the stages' reports)."""
+    lines = ["## Training data: modes, gates, sources", ""]
+    for name, o in outputs.items():
+        path = o.get("report") if isinstance(o, dict) else None
+        if not path or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rep = json.load(f)
+        if "by_mode" in rep:  # SL-CAI data
+            lines += [f"**{name}**: mode `{cfg.cr_mode}`, gate `{cfg.cr_gate}`, best-of {cfg.cr_best_of}, cut to "
+                      f"{cfg.cr_cut_sentences or 'all'} sentences. Dropped by reason: {rep['dropped_by_reason'] or 'none'}.",
+                      "", "| mode | kind | kept | dropped | kept fraction |", "|---|---|---|---|---|"]
+            lines += [f"| {m} | {k} | {v['kept']} | {v['dropped']} | {v['kept_fraction']:.2f} |"
+                      for m, kinds in rep["by_mode"].items() for k, v in kinds.items()]
+        else:  # preference pairs
+            lines += [f"**{name}**: sources `{cfg.pref_sources}`, classifier `{cfg.eval_classifier}`.", "",
+                      "| source | pairs | dropped (by reason) | agreement with hand-labelled pairs |", "|---|---|---|---|"]
+            for src, v in rep["sources"].items():
+                lines.append(f"| {src} | {v['pairs']} | {v['dropped'] or 'none'} | {agreement_cell(v)} |")
+        lines.append("")
+    return lines
+
+
 def write_report(cfg, st: Stages, outputs: dict) -> str:
     """report.md + report.json under cfg.out: config, timings, curves, and the evaluation side by side."""
     numbers = {"config": dataclasses.asdict(cfg), "timings_s": st.timings, "stages": outputs, "evaluations": {}}
@@ -342,6 +426,7 @@ def write_report(cfg, st: Stages, outputs: dict) -> str:
              "## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in st.timings.items()]
     lines += [f"| **total** | {sum(st.timings.values()):.0f} |", ""]
+    lines += data_lines(cfg, outputs)
     lines += ["## Training curves", ""]
     for name in outputs:  # each trainer leaves one PNG: model/loss.png (SFT, reward model) or curves.png (PPO, DPO)
         for candidate in (os.path.join(st.dir(name), "model", "loss.png"), os.path.join(st.dir(name), "curves.png")):
@@ -394,19 +479,17 @@ def main(argv=None):
     st = Stages(cfg, only=args.only)
     t0 = time.time()
     out = {}
-    red = write_prompt_subset(cfg.red_team_prompts, cfg.cr_prompts, os.path.join(cfg.out, "red_team_subset.jsonl"))
-    out["01_critique_revise"] = st.run("01_critique_revise", lambda d: stage_critique_revise(st, d, cfg.model, red))
+    sl_prompts = sl_cai_prompts(cfg, os.path.join(cfg.out, "sl_cai_prompts.jsonl"))
+    out["01_critique_revise"] = st.run("01_critique_revise", lambda d: stage_critique_revise(st, d, cfg.model, sl_prompts))
     out["02_helpful_responses"] = st.run("02_helpful_responses", lambda d: stage_helpful(st, d)) if cfg.helpful_mix else None
     mix = out["02_helpful_responses"]["responses"] if out.get("02_helpful_responses") else None
     out["03_sft"] = st.run("03_sft", lambda d: stage_sft(st, d, cfg.model, out["01_critique_revise"]["revisions"], mix))
     sft_model = out["03_sft"]["model"] if out["03_sft"] else None
-    out["04_labels"] = st.run("04_labels", lambda d: stage_label(st, d, sft_model))
-    out["05_reward_model"] = st.run("05_reward_model", lambda d: stage_reward_model(st, d, sft_model, out["04_labels"]["prefs"]))
+    revisions = (out["01_critique_revise"] or {}).get("revisions")
+    out["04_labels"] = st.run("04_labels", lambda d: stage_label(st, d, sft_model, revisions))
+    prefs = (out.get("04_labels") or {}).get("prefs")
+    out["05_reward_model"] = st.run("05_reward_model", lambda d: stage_reward_model(st, d, sft_model, prefs))
     out["06_ppo"] = st.run("06_ppo", lambda d: stage_ppo(st, d, sft_model, out["05_reward_model"]["model"]))
-    if cfg.dpo_source == "revisions":
-        out["07_revision_pairs"] = st.run("07_revision_pairs", lambda d: stage_revision_pairs(
-            st, d, out["01_critique_revise"]["revisions"]))
-    prefs = (out.get("07_revision_pairs") or out.get("04_labels") or {}).get("prefs")
     out["08_dpo"] = st.run("08_dpo", lambda d: stage_dpo(st, d, sft_model, prefs))
     models = {"base": cfg.model, "SL-CAI": sft_model,
               "RL-CAI (PPO)": (out.get("06_ppo") or {}).get("model"), "RL-CAI (DPO)": (out.get("08_dpo") or {}).get("model")}
