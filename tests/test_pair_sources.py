@@ -63,10 +63,10 @@ def write_rows(path, rows):
 
 
 class ScriptedPolicy:
-    """Stands in for minicai.sampling.generate: the response is "INSTRUCTION REQUEST tryK"."""
+    """Stands in for minicai.sampling.generate: the response is "INSTRUCTION REQUEST tryK." + tail."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.tail = [], ""
 
     def __call__(self, model, prompts, *, num_samples=1, tokenizer=None, **kw):
         out = []
@@ -75,7 +75,7 @@ class ScriptedPolicy:
             self.calls.append(text)
             instruction = next((t for t in ("POS", "NEG") if f"system\n{t}-" in text), "PLAIN")
             request = re.search(r"Q\d", text).group()
-            out += [Generation(tokens=[5], finish_reason="stop_token", text=f"{instruction} {request} try{k}")
+            out += [Generation(tokens=[5], finish_reason="stop_token", text=f"{instruction} {request} try{k}." + self.tail)
                     for k in range(num_samples)]
         return out
 
@@ -83,7 +83,7 @@ class ScriptedPolicy:
 DEMOS = [{"prompt": "D1 a demonstration request", "response": "DEMO-BAD", "principle": "harm", "critique": "c",
           "revision": "DEMO-GOOD"}]
 DEMO_CLASSES = {("DEMO-GOOD", "harmful"): "refuse", ("DEMO-BAD", "harmful"): "comply",   # both sides for harmful
-                ("DEMO-GOOD", "benign"): "comply", ("DEMO-BAD", "benign"): "nonanswer"}  # only the chosen side for benign
+                ("DEMO-GOOD", "benign"): "comply", ("DEMO-BAD", "benign"): "comply"}  # only the chosen side for benign
 
 
 class ScriptedClassifier:
@@ -94,7 +94,7 @@ class ScriptedClassifier:
         self.rows += rows
         out = []
         for r in rows:
-            m = re.fullmatch(r"(POS|NEG|PLAIN) (Q\d) try(\d)", r["response"])
+            m = re.fullmatch(r"(POS|NEG|PLAIN) (Q\d) try(\d)\.", r["response"])
             out.append(SCRIPT[m.group(2)][m.group(1)][int(m.group(3))] if m else
                        DEMO_CLASSES.get((r["response"], r["kind"]), "nonanswer"))
         return out
@@ -126,11 +126,11 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
     assert [r["id"] for r in written] == list(pairs) == ["contrastive:h1", "contrastive:b4", "reversed:b4"]
     c1, c4, r4 = pairs["contrastive:h1"], pairs["contrastive:b4"], pairs["reversed:b4"]
     # best-of: the first passing try of each side; partial is harmful help (a failure) on a harmful prompt
-    assert (c1["chosen"][0]["content"], c1["rejected"][0]["content"]) == ("POS Q1 try1", "NEG Q1 try0")
+    assert (c1["chosen"][0]["content"], c1["rejected"][0]["content"]) == ("POS Q1 try1.", "NEG Q1 try0.")
     assert (c1["chosen_class"], c1["rejected_class"], c1["principle"], c1["kind"]) == ("refuse", "partial", "safe", "harmful")
-    assert (c4["chosen"][0]["content"], c4["rejected"][0]["content"], c4["principle"]) == ("POS Q4 try0", "NEG Q4 try1", "helpful")
+    assert (c4["chosen"][0]["content"], c4["rejected"][0]["content"], c4["principle"]) == ("POS Q4 try0.", "NEG Q4 try1.", "helpful")
     # reversed: the plain prompt's compliant answer over a refusal sampled under the benign principle's negative
-    assert (r4["chosen"][0]["content"], r4["rejected"][0]["content"]) == ("PLAIN Q4 try1", "NEG Q4 try1")
+    assert (r4["chosen"][0]["content"], r4["rejected"][0]["content"]) == ("PLAIN Q4 try1.", "NEG Q4 try1.")
     assert (r4["chosen_class"], r4["rejected_class"], r4["chosen_instruction"]) == ("comply", "partial", "")
     assert r4["rejected_instruction"] == "NEG-B refuse it."
     for r in pairs.values():  # the pair's prompt is the plain one, without the instruction it was sampled under
@@ -155,6 +155,16 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
         "chosen_failed": 1, "rejected_failed": 1, "both_failed": 1}
     assert report["reversed"]["pairs"] == 1 and report["reversed"]["dropped"] == {"rejected_failed": 1}
     assert report["contrastive"]["by_principle"] == {"helpful": {"pairs": 1, "dropped": 1}, "safe": {"pairs": 1, "dropped": 2}}
+
+
+def test_sentence_cut_before_the_gate(setup):
+    setup["policy"].tail = " Then some nonsense the gate would not pass."
+    assert run(setup, "--sources", "contrastive", "--agreement", "") == []        # uncut: nothing passes
+    (setup["tmp"] / "pairs.dropped.jsonl").unlink()  # the drops would be skipped on resume
+    pairs = run(setup, "--sources", "contrastive", "--agreement", "", "--cut-sentences", "1")
+    assert [(r["id"], r["chosen"][0]["content"]) for r in pairs] == [("contrastive:h1", "POS Q1 try1."),
+                                                                     ("contrastive:b4", "POS Q4 try0.")]
+    assert {r["chosen_finish_reason"] for r in pairs} == {r["rejected_finish_reason"] for r in pairs} == {"cut"}
 
 
 def test_resume_redoes_only_missing_rows(setup):

@@ -24,10 +24,13 @@
                half of the calibration table where refusing is the error.
 For contrastive and reversed, each sampled side also sees up to --fewshot demonstration exchanges before the
 prompt (from --fewshot-file, principles routed to the prompt's kind): revisions on the preferred side, initial
-responses on the other, each one checked by the same classifier gate. A deviation from RLCD's instruction-only
-prompts: the default 135M model ignores the instruction (measured: under the positive instruction alone it
-refused 0 of 12 harmful prompts in 48 samples). --best-of N samples N responses per side and pairs the first
-passing one of each; prompts with no passing pair are dropped and counted. Drops of every source (identical or empty samples, failed
+responses on the other, each checked by the same classifier (a revision must get the expected class, an initial
+response must not). A deviation from RLCD's instruction-only prompts: the default 135M model ignores the
+instruction (measured: under the positive instruction alone it refused 0 of 12 harmful prompts in 48 samples).
+--cut-sentences N first cuts every candidate to its first N sentences (the open recipe's post-processing), so a
+refusal's good first sentence is not lost to the nonsense a small model writes after it; a shortened candidate
+is recorded with finish_reason "cut" (it gets an EOS). --best-of N samples N responses per side and pairs the
+first passing one of each; prompts with no passing pair are dropped and counted. Drops of every source (identical or empty samples, failed
 gates, unchanged revisions) go to OUT stem + ".dropped.jsonl" with their reason and classes.
 
 Output (--out, JSONL): TRL's conversational preference format - prompt (message list), chosen and rejected (one
@@ -98,6 +101,8 @@ parser.add_argument("--fewshot", type=int, default=2,
                     help="contrastive / reversed: demonstration exchanges before each sampled side (0 = the instruction alone)")
 parser.add_argument("--fewshot-file", default=str(DEFAULT_FEWSHOT),
                     help="demonstrations (critique-revision few-shot format): revisions show the preferred side, initial responses the other")
+parser.add_argument("--cut-sentences", type=int, default=0,
+                    help="contrastive / reversed: cut every candidate to its first N sentences before the gate (0 = uncut)")
 parser.add_argument("--classifier", default="head", choices=("head", "rules"),
                     help="gate of contrastive / reversed: rules + learnt head on the default model, or the rules alone")
 parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation / judging chunk")
@@ -291,7 +296,8 @@ def conditioned(messages, instruction, shots) -> list:
 def demonstration_shots(demos, classifier, n) -> dict:
     """Up to n demonstration exchanges per (prompt kind, side), from demonstrations whose principle applies to the
     kind: the chosen side shows revisions the classifier gives the expected class, the rejected side initial
-    responses with the opposite verdict (the classifier checks the demonstrations as it checks the samples)."""
+    responses it does not (a flawed response that is itself a refusal, a lecture, is no contrast to a refusal;
+    the rules call some hand-written compliant ones off-topic, so the opposite verdict is not required)."""
     cands = [(kind, side, d, text) for d in demos
              for kind in (KINDS if d.principle.applies == "any" else (d.principle.applies,))
              for side, text in (("chosen", d.revision), ("rejected", d.response))]
@@ -299,7 +305,7 @@ def demonstration_shots(demos, classifier, n) -> dict:
                                        for kind, side, d, text in cands]) if cands else []
     shots = {(kind, side): [] for kind in KINDS for side in ("chosen", "rejected")}
     for (kind, side, d, text), label in zip(cands, labels):
-        passes = (expected_verdict if side == "chosen" else opposite_verdict)(label, kind)
+        passes = expected_verdict(label, kind) == (side == "chosen")
         if passes and len(shots[kind, side]) < n:
             turns = [m for m in d.messages if m["role"] != "system"]
             shots[kind, side].append(turns + [{"role": "assistant", "content": text.strip()}])
@@ -309,6 +315,12 @@ def demonstration_shots(demos, classifier, n) -> dict:
 def first_passing(labels, texts, ok) -> int | None:
     """Index of the first non-empty candidate whose class passes `ok`, else None (best-of-n keeps it)."""
     return gates.first_passing([None if text and ok(label) else "failed" for label, text in zip(labels, texts)])
+
+
+def finish(gen, text) -> str:
+    """The finish reason of a candidate as kept: "cut" when --cut-sentences shortened it (it ends at a sentence,
+    so the reward model gives it an EOS), else the sampler's."""
+    return "cut" if text != gen.text.strip() else gen.finish_reason
 
 
 def gated_chunk(source, chunk, policy, tok, ctx, args):
@@ -325,7 +337,7 @@ def gated_chunk(source, chunk, policy, tok, ctx, args):
     gens = generate(policy, [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs],
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, num_samples=n,
                     seed=chunk_seed(args.seed, [source] + [r["id"] for r in chunk]), tokenizer=tok)
-    texts = [g.text.strip() for g in gens]
+    texts = [gates.cut_sentences(g.text, args.cut_sentences) for g in gens]
     asked = chunk * 2  # the row behind each conversation; the classifier sees the plain request, not the instruction
     labels = ctx["classifier"].classify_many([dict(request=asked[i // n]["messages"][-1]["content"], response=t,
                                                    kind=asked[i // n]["kind"]) for i, t in enumerate(texts)])
@@ -339,20 +351,20 @@ def gated_chunk(source, chunk, policy, tok, ctx, args):
             drops.append(drop_row(source, r, reason, principle=principle.name, chosen_classes=labels[good],
                                   rejected_classes=labels[bad]))
             continue
-        gc, gr = gens[i * n + c], gens[(len(chunk) + i) * n + j]
+        ci, ri = i * n + c, (len(chunk) + i) * n + j
         pairs.append({
             "id": f"{source}:{r['id']}", "prompt": r["messages"],
-            "chosen": [{"role": "assistant", "content": texts[i * n + c]}],
-            "rejected": [{"role": "assistant", "content": texts[(len(chunk) + i) * n + j]}],
+            "chosen": [{"role": "assistant", "content": texts[ci]}],
+            "rejected": [{"role": "assistant", "content": texts[ri]}],
             "soft_label": 1.0, "source": source, "kind": r["kind"], "principle": principle.name,
             "chosen_instruction": chosen_instruction, "rejected_instruction": rejected_instruction,
             "chosen_shots": len(shots[r["kind"], "chosen"]) if chosen_instruction else 0,
             "rejected_shots": len(shots[r["kind"], "rejected"]),
             "chosen_class": labels[good][c], "rejected_class": labels[bad][j], "chosen_try": c, "rejected_try": j,
-            "chosen_finish_reason": gc.finish_reason, "rejected_finish_reason": gr.finish_reason,
+            "chosen_finish_reason": finish(gens[ci], texts[ci]), "rejected_finish_reason": finish(gens[ri], texts[ri]),
             "policy": args.model, "classifier": args.classifier, "seed": args.seed,
             "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                         "best_of": n}})
+                         "best_of": n, "cut_sentences": args.cut_sentences}})
     return pairs, drops
 
 
@@ -471,8 +483,8 @@ def check_args(args) -> list:
     sources = parse_sources(args.sources)
     if args.dtype == "auto":
         args.dtype = generation_dtype(args.device)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1 or args.fewshot < 0:
-        raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1, --fewshot >= 0")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1 or min(args.fewshot, args.cut_sentences) < 0:
+        raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1, --fewshot and --cut-sentences >= 0")
     if ("revision" in sources) != bool(args.revisions):
         raise ValueError("--revisions FILE goes with the revision source (--sources ...,revision) and only with it")
     check_output_path(args.out, "file")
