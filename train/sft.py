@@ -111,7 +111,7 @@ def sft_step(model, optimizer, micro, pad_id, *, grad_clip=1.0, autocast=nullcon
     (build_examples'): the loss is the mean over every loss token of the step, gradients are clipped to
     grad_clip (0 = off) and, with a DivergenceGuard, checked as step + 1 before the update. autocast: a
     zero-argument callable giving the forward's context (training.autocast). Returns {loss, grad_norm,
-    tokens (loss tokens), padding (share of the padded positions)}."""
+    tokens (loss tokens), real_tokens (prompt + response), padding (share of the padded positions)}."""
     device = model.output_weight.device
     batches = [collate(m, pad_id) for m in micro]
     n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
@@ -130,7 +130,8 @@ def sft_step(model, optimizer, micro, pad_id, *, grad_clip=1.0, autocast=nullcon
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     padded = sum(b["input_ids"].numel() for b in batches)
-    return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": n_tokens, "padding": 1 - n_real / padded}
+    return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": n_tokens, "real_tokens": n_real,
+            "padding": 1 - n_real / padded}
 
 
 def load_data(args, tokenizer, rows):
@@ -156,11 +157,10 @@ def train_step(c, step):
     t0 = time.perf_counter()
     m = sft_step(c.model, c.optimizer, micro, c.pad_id, grad_clip=args.grad_clip, autocast=c.autocast,
                  guard=c.guard, step=step)
-    n_real = sum(len(e["input_ids"]) for mb in micro for e in mb)
     step += 1
     row = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"],
            "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
-           "tok_s": round(n_real / (time.perf_counter() - t0), 1), "padding": round(m["padding"], 4),
+           "tok_s": round(m["real_tokens"] / (time.perf_counter() - t0), 1), "padding": round(m["padding"], 4),
            "peak_mem_mb": round(peak_memory_mb(c.device)), "elapsed_s": round(time.time() - c.t0, 3)}
     append_jsonl(c.log_path, row)
     c.bar.update(1)
