@@ -13,10 +13,15 @@ each on the distribution renormalised after the previous one (HF's warper order)
 one place this math lives; `generate` and the chat loop both call it.
 
 Decoding: prompts are left padded into one batch, with an attention mask (1 = real token) and explicit
-positions that count real tokens only, so each row sees exactly the positions it would see alone. One
-forward over the padded prompts fills the cache (only the last position is projected to the vocabulary),
-then one token per step. Rows that finish are dropped from the batch (KVCache.keep_rows) so they stop
-costing compute.
+positions that count real tokens only, so each row sees exactly the positions it would see alone. Inside the
+call the rows are sorted longest first (outputs keep the caller's order) and the prompts prefill the cache in
+groups of similar length (`prefill_groups`: a pad token costs compute, a group one more read of the weights),
+so a short prompt beside a long one costs its own length; only the last position is projected to the
+vocabulary. Then one token per step for the whole batch. Rows that finish are dropped from the batch
+(KVCache.keep_rows) so they stop costing compute, and cache positions that are then padding in every row
+left are cut off the front. Sampling draws by inverting each row's CDF at one uniform (`sample`), and top-p
+sorts only the top NUCLEUS_CANDIDATES tokens when they hold the nucleus: both exact, and both ~20x cheaper
+than torch.multinomial per row and a full sort of a 49k vocabulary.
 
 Choices (documented in `generate` too):
 - `logprobs` is the log-probability of each token under the distribution it was drawn from (pi above),
@@ -35,13 +40,16 @@ Choices (documented in `generate` too):
   unwritten slots, and writes its k/v at a position held in a tensor, so every step has the same shapes.
   Finished rows are then not dropped (a new batch size would mean a new graph); they run on, ignored.
 """
+import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
 from minicai.model import KVCache, prepacked_weights
 
 FINISH_REASONS = ("stop_token", "stop_string", "length")
+NUCLEUS_CANDIDATES = 256  # top-p sorts these first (all the vocabulary only when they hold less than top_p)
 
 
 @dataclass
@@ -80,14 +88,20 @@ def process_logits(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> to
         drop = torch.ones_like(logp, dtype=torch.bool).scatter_(-1, logp.topk(top_k, dim=-1).indices, False)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
     if top_p < 1:
-        sorted_logp, order = logp.sort(dim=-1, descending=True)             # [..., V]
+        # the nucleus is usually far smaller than the vocabulary: sort only the top NUCLEUS_CANDIDATES when
+        # they already hold top_p of the mass in every row (a full sort of 49k logits costs ~6 ms per row)
+        sorted_logp, order = logp.topk(min(V, NUCLEUS_CANDIDATES), dim=-1)  # [..., k] descending
         probs = sorted_logp.exp()
+        cum = probs.cumsum(-1)
+        if sorted_logp.shape[-1] < V and bool((cum[..., -1] < top_p).any()):
+            sorted_logp, order = logp.sort(dim=-1, descending=True)         # [..., V]
+            probs = sorted_logp.exp()
+            cum = probs.cumsum(-1)
         # keep a token while the mass strictly before it is < top_p: the smallest set reaching top_p
-        before = probs.cumsum(-1) - probs
-        drop_sorted = before >= top_p
-        drop_sorted[..., 0] = False                                          # the top token always stays
-        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+        keep_sorted = cum - probs < top_p
+        keep_sorted[..., 0] = True                                           # the top token always stays
+        keep = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, order, keep_sorted)
+        logp = torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)
     if min_p > 0:
         # p >= min_p * p_max  <=>  log p >= log(min_p) + log p_max (renormalising keeps the ratio)
         threshold = logp.max(-1, keepdim=True).values + torch.log(torch.tensor(min_p))
@@ -96,11 +110,17 @@ def process_logits(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> to
 
 
 def sample(logp, generators=None) -> torch.Tensor:
-    """One token per row of logp [B, V] (log pi, -inf = never), row b drawn with generators[b]."""
-    probs = logp.exp()
+    """One token per row of logp [B, V] (log pi, -inf = never), row b drawn with generators[b]: the first
+    token whose cumulative probability exceeds u * total, for one uniform u per row (inverse CDF). Why not
+    torch.multinomial: one call per row (for its own generator) costs ~2.5 ms on a 49k vocabulary on CPU,
+    the whole batch's CDF ~1 ms. A token of probability 0 has an empty interval, so it is never drawn."""
+    cdf = logp.exp().cumsum(-1)                                              # [B, V] float32
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+        u = torch.rand(cdf.shape[0], device=cdf.device)
+    else:
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
+    target = u * cdf[:, -1]                                                  # u < 1, so target < total
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
 
 
 def row_generators(seed, n_rows, device) -> list:
@@ -201,6 +221,55 @@ def compiled_decode_step():
     return _compiled["step"]
 
 
+# ------------------------------------------------------------------------------------------ prefill
+
+PREFILL_FORWARD_COST = 32  # fixed cost of one prefill forward (reading every weight once), in prompt tokens
+
+
+def prefill_groups(lens) -> list:
+    """Rows sorted longest first -> consecutive groups [(start, end)] minimising the sum over groups of
+    PREFILL_FORWARD_COST + rows * longest (exact, by dynamic programming): each pad token a group carries
+    is weighed against the fixed cost of one more forward."""
+    best, cut = [0.0] + [math.inf] * len(lens), [0] * (len(lens) + 1)
+    for end in range(1, len(lens) + 1):
+        for start in range(end):
+            cost = best[start] + PREFILL_FORWARD_COST + (end - start) * lens[start]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(lens)
+    while end:
+        groups.append((cut[end], end))
+        end = cut[end]
+    return groups[::-1]
+
+
+class CacheRows(KVCache):
+    """Rows start:end of a KVCache from position `offset` on: a group's prefill writes into the batch's cache."""
+
+    def __init__(self, cache: KVCache, start: int, end: int, offset: int):
+        self.k, self.v = cache.k[:, start:end, :, offset:], cache.v[:, start:end, :, offset:]
+        self.length = 0
+
+
+def prefill(model, rows, max_new_tokens, device, dtype):
+    """rows (token-id lists, longest first) -> (KVCache for B rows x L + max_new_tokens positions holding every
+    prompt left padded to the longest, L; last-position logits [B, V] float32). The prompts run in groups of
+    similar length (prefill_groups) rather than as one batch padded to L, so short prompts next to a long
+    one cost their own length; each group writes straight into its rows of the shared cache."""
+    L = len(rows[0])
+    cache = KVCache(model.config, len(rows), L + max_new_tokens, device=device, dtype=dtype)
+    logits = []
+    for start, end in prefill_groups([len(r) for r in rows]):
+        group, width = rows[start:end], len(rows[start])
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in group], device=device)  # pad id 0 is masked
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in group], device=device)
+        hidden = model(ids, attention_mask=mask if len(group[-1]) < width else None,
+                       kv_cache=CacheRows(cache, start, end, L - width), return_hidden=True)
+        logits.append(model.unembed(hidden[:, -1]).float())           # only the last position's logits
+    cache.length = L
+    return cache, torch.cat(logits)
+
+
 # ------------------------------------------------------------------------------------------ generate
 
 @torch.inference_mode()
@@ -224,106 +293,136 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     prompts = check_prompts(prompts, cfg, max_new_tokens)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    stop_ids, stop_strings = check_stops(model, tokenizer, stop_token_ids, stop_strings)
+    device, dtype = model.output_weight.device, model.output_weight.dtype
+    if compile and device.type != "cuda":
+        raise ValueError(f"compile=True needs the model on CUDA (it is on {device}): it captures CUDA graphs")
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ()).item())
+
+    rows = [p for p in prompts for _ in range(num_samples)]
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # batch row j generates output row order[j]
+    B, N, L = len(rows), max_new_tokens, len(rows[order[0]])
+    mask = torch.zeros(B, L + N, dtype=torch.long)                 # [B, L+N] 1 = real token, grows per step
+    for j, r in enumerate(order):
+        mask[j, L - len(rows[r]):L] = 1
+    gens = None if temperature == 0 else row_generators(seed, B, device)
+    state = SimpleNamespace(
+        out=[Generation() for _ in range(B)], active=order, gens=None if gens is None else [gens[r] for r in order],
+        mask=mask.to(device), positions=torch.tensor([len(rows[r]) for r in order], device=device), col=L,
+        sampling=(temperature, top_k, top_p, min_p), stop_ids=stop_ids, stop_strings=stop_strings,
+        tokenizer=tokenizer, callback=callback, max_new_tokens=N)
+    with prepacked_weights(model, enabled=prepack):  # packed copies live for this call only
+        cache, logits = prefill(model, [rows[r] for r in order], N, device, dtype)
+        if compile if static_cache is None else static_cache:
+            decode_static(model, cache, logits, state, compile)
+        else:
+            decode_dynamic(model, cache, logits, state)
+    return finish(state.out, tokenizer, stop_strings)
+
+
+def check_stops(model, tokenizer, stop_token_ids, stop_strings):
+    """-> (set of stop token ids, list of stop strings), checked."""
+    vocab = model.config.vocab_size
     if stop_token_ids is None:
         stop_token_ids = default_stop_ids(model, tokenizer)
-    stop_ids = set()
     for t in stop_token_ids:
-        if not isinstance(t, int) or not 0 <= t < cfg.vocab_size:
-            raise ValueError(f"stop_token_ids contains {t!r}, not a token id in [0, {cfg.vocab_size})")
-        stop_ids.add(t)
+        if not isinstance(t, int) or not 0 <= t < vocab:
+            raise ValueError(f"stop_token_ids contains {t!r}, not a token id in [0, {vocab})")
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (pass tokenizer=...)")
     if any(not isinstance(s, str) or not s for s in stop_strings):
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-    weight = model.output_weight
-    device, dtype = weight.device, weight.dtype
-    if compile and device.type != "cuda":
-        raise ValueError(f"compile=True needs the model on CUDA (it is on {device}): it captures CUDA graphs")
-    static = compile if static_cache is None else static_cache
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, ()).item())
+    return set(stop_token_ids), stop_strings
 
-    rows = [p for p in prompts for _ in range(num_samples)]
-    B, N = len(rows), max_new_tokens
-    lens = [len(r) for r in rows]
-    L = max(lens)
-    ids = torch.zeros(B, L, dtype=torch.long)                      # [B, L] left padded (pad id 0 is masked)
-    mask = torch.zeros(B, L + N, dtype=torch.long)                 # [B, L+N] 1 = real token, grows per step
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = torch.tensor(r)
-        mask[i, L - len(r):L] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = min(lens) != L                                        # no padding: skip masks (faster attention)
-    positions = torch.tensor(lens, device=device)                  # [B] position of the next token
-    gens = None if temperature == 0 else row_generators(seed, B, device)
-    out = [Generation() for _ in range(B)]
 
-    cache = KVCache(cfg, B, L + N, device=device, dtype=dtype)
-    with prepacked_weights(model, enabled=prepack):  # packed copies live for this call only
-        hidden = model(ids, attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
-        logits = model.unembed(hidden[:, -1]).float()                  # [B, V] only the last position's logits
-        if static:
-            cache = StaticKVCache(cache)
-            step_fn = compiled_decode_step() if compile else decode_step
-            if compile:  # buffers mutated in place between replays keep their addresses (no copies into the graph)
-                for t in (*cache.ks, *cache.vs, cache.slot, mask, positions):
-                    torch._dynamo.mark_static_address(t)
+def next_tokens(logits, state):
+    """Draw each batch row's next token -> (tokens [b], the same as ints, their log-probs and raw log-probs)."""
+    temperature = state.sampling[0]
+    if temperature == 0:
+        tok = logits.argmax(-1)                                        # [b]
+    else:
+        logp = process_logits(logits, *state.sampling)                 # [b, V]
+        tok = sample(logp, state.gens)
+    # log softmax(z)[tok] = z[tok] - logsumexp(z): temperature 1, untruncated, without a [b, V] result
+    raw = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    lp = raw if temperature == 0 else logp.gather(-1, tok[:, None])[:, 0]
+    toks, lps, raws = torch.stack([tok.to(lp.dtype), lp, raw]).tolist()  # one host sync per step (ids < 2^24: exact)
+    return tok, [int(t) for t in toks], lps, raws
+
+
+def record(toks, lps, raws, state) -> list:
+    """Append each active row's token; mark rows that finish (state.active[j] = None); -> their batch indices."""
+    done = []
+    for j, (r, t) in enumerate(zip(state.active, toks)):
+        if r is None:
+            continue
+        g = state.out[r]
+        g.tokens.append(t)
+        g.logprobs.append(lps[j])
+        g.raw_logprobs.append(raws[j])
+        if state.callback is not None:
+            state.callback(r, t)
+        if t in state.stop_ids:
+            g.finish_reason = "stop_token"
+        elif state.stop_strings and any(s in state.tokenizer.decode(g.tokens) for s in state.stop_strings):
+            g.finish_reason = "stop_string"
+        elif len(g.tokens) == state.max_new_tokens:
+            g.finish_reason = "length"
         else:
-            step_fn = decode_step
+            continue
+        done.append(j)
+    for j in done:
+        state.active[j] = None
+    return done
 
-        active = list(range(B))                                        # output row of each batch row (None: done)
-        row_gens = gens                                                # generator of each batch row
-        for step in range(N):
-            if temperature == 0:
-                tok = logits.argmax(-1)                                # [b]
-            else:
-                logp = process_logits(logits, temperature, top_k, top_p, min_p)  # [b, V]
-                tok = sample(logp, row_gens)
-            # log softmax(z)[tok] = z[tok] - logsumexp(z): temperature 1, untruncated, without a [b, V] result
-            raw = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-            lp = raw if temperature == 0 else logp.gather(-1, tok[:, None])[:, 0]
-            toks, (lps, raws) = tok.tolist(), torch.stack([lp, raw]).tolist()  # one host sync per step
 
-            done = []
-            for j, r in enumerate(active):
-                if r is None:
-                    continue
-                g, t = out[r], toks[j]
-                g.tokens.append(t)
-                g.logprobs.append(lps[j])
-                g.raw_logprobs.append(raws[j])
-                if callback is not None:
-                    callback(r, t)
-                if t in stop_ids:
-                    g.finish_reason = "stop_token"
-                elif stop_strings and any(s in tokenizer.decode(g.tokens) for s in stop_strings):
-                    g.finish_reason = "stop_string"
-                elif len(g.tokens) == N:
-                    g.finish_reason = "length"
-                else:
-                    continue
-                done.append(j)
-            for j in done:
-                active[j] = None
-            if all(r is None for r in active):
-                break
-            mask[:, L + step] = 1                                      # the token fed now is real in every row
-            if static:  # fixed shapes: finished rows run on and are ignored
-                logits = step_fn(model, tok, positions, mask, cache).clone()  # clone: graph outputs are reused
-                cache.slot += 1
-            else:
-                if done:                                               # drop finished rows from the batch
-                    keep = [j for j, r in enumerate(active) if r is not None]
-                    sel = torch.tensor(keep, device=device)
-                    cache.keep_rows(sel)
-                    tok, positions, mask = tok[sel], positions[sel], mask[sel]
-                    active = [active[j] for j in keep]
-                    row_gens = [row_gens[j] for j in keep] if row_gens is not None else None
-                    padded = padded and bool((mask[:, :L] == 0).any())
-                logits = step_fn(model, tok, positions, mask[:, :cache.length + 1] if padded else None, cache)
-            positions += 1
-        return finish(out, tokenizer, stop_strings)
+def decode_dynamic(model, cache, logits, state) -> None:
+    """One token per step for the rows still running: finished rows leave the batch (KVCache.keep_rows), and
+    cache positions that are padding in every remaining row are cut off the front (they only cost attention)."""
+    padded = bool((state.mask[:, :state.col] == 0).any())             # no padding: skip masks (faster attention)
+    for _ in range(state.max_new_tokens):
+        tok, *drawn = next_tokens(logits, state)
+        done = record(*drawn, state)
+        if all(r is None for r in state.active):
+            return
+        if done:                                                       # drop finished rows from the batch
+            keep = [j for j, r in enumerate(state.active) if r is not None]
+            sel = torch.tensor(keep, device=tok.device)
+            cache.keep_rows(sel)
+            tok, state.positions, state.mask = tok[sel], state.positions[sel], state.mask[sel]
+            state.active = [state.active[j] for j in keep]
+            state.gens = [state.gens[j] for j in keep] if state.gens is not None else None
+            lead = int(state.mask[:, :state.col].argmax(-1).min())      # leading columns that are pad in every row
+            if lead:
+                cache.k, cache.v = cache.k[:, :, :, lead:], cache.v[:, :, :, lead:]
+                cache.length -= lead
+                state.mask, state.col = state.mask[:, lead:], state.col - lead
+            padded = bool((state.mask[:, :state.col] == 0).any())
+        state.mask[:, state.col] = 1                                   # the token fed now is real in every row
+        state.col += 1
+        logits = decode_step(model, tok, state.positions, state.mask[:, :state.col] if padded else None, cache)
+        state.positions += 1
+
+
+def decode_static(model, cache, logits, state, compile) -> None:
+    """Fixed shapes for CUDA graphs (see the module docstring): finished rows run on and are ignored."""
+    cache = StaticKVCache(cache)
+    step_fn = compiled_decode_step() if compile else decode_step
+    if compile:  # buffers mutated in place between replays keep their addresses (no copies into the graph)
+        for t in (*cache.ks, *cache.vs, cache.slot, state.mask, state.positions):
+            torch._dynamo.mark_static_address(t)
+    for _ in range(state.max_new_tokens):
+        tok, *drawn = next_tokens(logits, state)
+        record(*drawn, state)
+        if all(r is None for r in state.active):
+            return
+        state.mask[:, state.col] = 1
+        state.col += 1
+        logits = step_fn(model, tok, state.positions, state.mask, cache).clone()  # clone: graph outputs are reused
+        cache.slot += 1
+        state.positions += 1
 
 
 def finish(out, tokenizer, stop_strings) -> list:

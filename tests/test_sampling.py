@@ -412,3 +412,68 @@ def test_cli_generate_resumes(default_model, tmp_path):
     assert rows[:2] == first and len(rows) == 3 and rows[2]["prompt"] == "Name a color."
     src.write_text('{"text": "no prompt"}\n')
     assert main(args[:6] + [str(tmp_path / "other.jsonl")]) == 2        # bad row: a clear error, exit code 2
+
+
+# ------------------------------------------------------------------------------------------ bucketing, dropping rows
+
+def test_prefill_groups_minimise_padding_plus_forwards():
+    from minicai.sampling import PREFILL_FORWARD_COST as F, prefill_groups
+
+    assert prefill_groups([5, 5, 5]) == [(0, 3)]                      # no padding: one forward
+    assert prefill_groups([400, 10, 9]) == [(0, 1), (1, 3)]           # 780 pad tokens >> one more forward
+    # hand-computed: [40, 40-d]: one group costs F + 80, two cost 2F + 80 - d; split iff d > F
+    assert prefill_groups([40, 40 - F]) == [(0, 2)]
+    assert prefill_groups([40 + F + 1, 40]) == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bucketed_batch_with_dropped_rows_matches_each_prompt_alone(dtype, seed, monkeypatch):
+    """Mixed prompt lengths (several prefill groups), sampling, rows stopping at different steps (dropped,
+    and the cache's leading padding cut when the long prompts finish): every row's tokens and log-probs are
+    those of the prompt generated alone with that row's generator."""
+    import minicai.sampling as S
+
+    model = tiny_model("llama", seed=5).to(dtype)
+    prompts = [list(range(1, 41)), [7], [3, 9, 27], list(range(50, 62)), [11, 12], list(range(60, 99))]
+    assert len(S.prefill_groups(sorted(map(len, prompts), reverse=True))) > 1
+    kw = dict(max_new_tokens=14, temperature=1.0, top_p=0.9, stop_token_ids=list(range(0, 101, 9)), seed=seed)
+    batch = generate(model, prompts, **kw)
+    real_generators = S.row_generators
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for i, p in enumerate(prompts):
+        monkeypatch.setattr(S, "row_generators", lambda s, n, device: real_generators(s, i + 1, device)[i:])
+        alone = generate(model, [p], **kw)[0]
+        assert alone.tokens == batch[i].tokens and alone.finish_reason == batch[i].finish_reason
+        assert max(abs(a - b) for a, b in zip(alone.logprobs, batch[i].logprobs)) <= tol
+        assert max(abs(a - b) for a, b in zip(alone.raw_logprobs, batch[i].raw_logprobs)) <= tol
+    assert len({len(g.tokens) for g in batch}) > 1                     # rows really left the batch early
+
+
+def test_leading_padding_is_cut_when_the_long_prompts_finish(monkeypatch):
+    import minicai.sampling as S
+
+    model = tiny_model("llama", seed=5).to(torch.float64)
+    long_prompt, short = list(range(1, 41)), [[7], [3, 9, 27]]
+    first = generate(model, [long_prompt], max_new_tokens=1)[0].tokens[0]  # greedy: the long row stops at once
+    widths, step = [], S.decode_step
+    monkeypatch.setattr(S, "decode_step", lambda m, t, p, mask, cache: widths.append(cache.max_len) or step(m, t, p, mask, cache))
+    out = generate(model, [long_prompt] + short, max_new_tokens=6, stop_token_ids=[first])
+    assert out[0].tokens == [first] and widths and max(widths) < 40   # the 40-token prompt's columns are gone
+    for p, g in zip(short, out[1:]):
+        assert generate(model, [p], max_new_tokens=6, stop_token_ids=[first])[0].tokens == g.tokens
+
+
+def test_top_p_on_a_large_vocabulary_sorts_candidates_or_everything():
+    """V = 3000 > NUCLEUS_CANDIDATES: a peaked row (nucleus inside the candidates) and a flat one (fallback to
+    the full sort) both keep exactly the float64 reference's set."""
+    from minicai.sampling import NUCLEUS_CANDIDATES
+
+    torch.manual_seed(3)
+    logits = torch.stack([torch.randn(3000) * 6, torch.randn(3000) * 0.1])  # [2, V] peaked, flat
+    for rows in (logits[:1], logits):                                   # candidates suffice / fallback needed
+        logp = process_logits(rows, 0.8, 0, 0.9, 0.0)
+        for b in range(rows.shape[0]):
+            ref = reference_logprobs(rows[b], 0.8, 0, 0.9, 0.0)
+            assert torch.equal(torch.isfinite(logp[b]), torch.isfinite(ref))
+    assert torch.isfinite(process_logits(logits[1:], 0.8, 0, 0.9, 0.0)).sum() > NUCLEUS_CANDIDATES
