@@ -127,6 +127,7 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     t0 = time.perf_counter()
     gens = generate(policy, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     stop_token_ids=[tok.eos_token_id], seed=step_seed(args.seed, step, 2), tokenizer=tok)
+    t_generate = time.perf_counter() - t0  # the sampler alone: rollout_tok_s; rollout_s also holds the scoring
     responses = [g.tokens for g in gens]
     no_eos = torch.tensor([g.finish_reason != "stop_token" for g in gens], device=dev)
     batch = collate(prompt_ids, responses, pad, dev)
@@ -213,7 +214,8 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
         "explained_variance": float(explained_variance(old_values, returns, mask)),
         "response_length": float(lengths.mean()), "no_eos_fraction": float(no_eos.float().mean()),
         "sampler_logprob_gap": sampler_gap,
-        "rollout_tok_s": float(lengths.sum()) / max(t_rollout, 1e-9),
+        # the sampler's own speed (generated tokens / seconds in generate); rollout_s adds the reward model
+        "rollout_tok_s": float(lengths.sum()) / max(t_generate, 1e-9),
         "update_tok_s": n_tokens * (args.ppo_epochs + 1) / max(t_update, 1e-9),
         "rollout_s": t_rollout, "update_s": t_update, "peak_mem_mb": peak_memory_mb(dev),
         "lr": opt.param_groups[0]["lr"],
