@@ -95,6 +95,10 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
         return decode_attention(q, k, v, key_padding_mask, scale)
     if key_padding_mask is None and (not causal or (Tq == 1 and Tk >= 1)):  # one decode query sees all keys
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if Tq == 1 and key_padding_mask is not None:  # one decode query sees every real key: the padding mask is all
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :], scale=scale,
+                                             enable_gqa=gqa)
+        return out.masked_fill(~key_padding_mask.any(-1)[:, None, None, None], 0.0)  # no real key: zeros
     if key_padding_mask is None and Tq == Tk:  # square causal: top-left == bottom-right alignment
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if causal and Tq == Tk >= 128 and key_padding_mask is not None:  # a long left-padded prefill
