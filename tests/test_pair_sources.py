@@ -23,6 +23,11 @@ CONSTITUTION = """\
 critique: What is harmful here?
 revision: Rewrite it harmlessly.
 
+[critique crime]
+applies: harmful
+critique: Does it help with a crime?
+revision: Rewrite it without the help.
+
 [compare safe]
 applies: harmful
 question: Which response is less harmful?
@@ -81,9 +86,14 @@ class ScriptedPolicy:
 
 
 DEMOS = [{"prompt": "D1 a demonstration request", "response": "DEMO-BAD", "principle": "harm", "critique": "c",
-          "revision": "DEMO-GOOD"}]
+          "revision": "DEMO-GOOD"},
+         {"prompt": "D2 a harmful demonstration", "response": "DEMO2-BAD", "principle": "crime", "critique": "c",
+          "revision": "DEMO2-REFUSAL"}]
 DEMO_CLASSES = {("DEMO-GOOD", "harmful"): "refuse", ("DEMO-BAD", "harmful"): "comply",   # both sides for harmful
-                ("DEMO-GOOD", "benign"): "comply", ("DEMO-BAD", "benign"): "comply"}  # only the chosen side for benign
+                ("DEMO-GOOD", "benign"): "comply", ("DEMO-BAD", "benign"): "comply",   # the chosen side for benign
+                ("DEMO2-REFUSAL", "harmful"): "refuse", ("DEMO2-BAD", "harmful"): "nonanswer",  # not refused: shown
+                ("DEMO2-REFUSAL", "benign"): "refuse"}   # a harmful demonstration's refusal: benign's rejected side
+DEMO_TEXTS = ("DEMO-GOOD", "DEMO-BAD", "DEMO2-REFUSAL", "DEMO2-BAD")
 
 
 class ScriptedClassifier:
@@ -139,13 +149,13 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
     # the "any" contrast (honesty) is never drawn: it is no refuse / comply contrast; the classifier sees the request
     calls = setup["policy"].calls
     assert not any("POS-A" in c or "NEG-A" in c for c in calls)
-    assert {r["request"] for r in clf.rows} == {p["prompt"] for p in PROMPTS} | {DEMOS[0]["prompt"]}
-    # demonstrations that pass the gate precede the prompt: harmful both sides, benign the chosen side only
+    assert {r["request"] for r in clf.rows} == {p["prompt"] for p in PROMPTS} | {d["prompt"] for d in DEMOS}
+    # the demonstrations that pass their check precede the prompt (routed by the principles' applies)
     side = lambda c: next((t for t in ("POS-H", "NEG-H", "POS-B", "NEG-B") if t in c), "PLAIN")
-    shown = {(side(c), "DEMO-GOOD" in c, "DEMO-BAD" in c) for c in calls}
-    assert shown == {("POS-H", True, False), ("NEG-H", False, True), ("POS-B", True, False), ("NEG-B", False, False),
-                     ("PLAIN", False, False)}
-    assert [(r["chosen_shots"], r["rejected_shots"]) for r in (c1, c4, r4)] == [(1, 1), (1, 0), (0, 0)]
+    shown = {(side(c), tuple(t for t in DEMO_TEXTS if t in c)) for c in calls}
+    assert shown == {("POS-H", ("DEMO-GOOD", "DEMO2-REFUSAL")), ("NEG-H", ("DEMO-BAD", "DEMO2-BAD")),
+                     ("POS-B", ("DEMO-GOOD",)), ("NEG-B", ("DEMO2-REFUSAL",)), ("PLAIN", ())}
+    assert [(r["chosen_shots"], r["rejected_shots"]) for r in (c1, c4, r4)] == [(2, 2), (1, 1), (0, 1)]
     drops = [json.loads(l) for l in open(setup["tmp"] / "pairs.dropped.jsonl")]
     assert {(d["id"], d["reason"]) for d in drops} == {("contrastive:h2", "chosen_failed"), ("contrastive:h3", "rejected_failed"),
                                                        ("contrastive:b5", "both_failed"), ("reversed:b5", "rejected_failed")}
@@ -159,7 +169,7 @@ def test_contrastive_and_reversed_pairs_gates_and_report(setup):
 
 def test_sentence_cut_before_the_gate(setup):
     setup["policy"].tail = " Then some nonsense the gate would not pass."
-    assert run(setup, "--sources", "contrastive", "--agreement", "") == []        # uncut: nothing passes
+    assert run(setup, "--sources", "contrastive", "--agreement", "", "--cut-sentences", "0") == []  # uncut: no pass
     (setup["tmp"] / "pairs.dropped.jsonl").unlink()  # the drops would be skipped on resume
     pairs = run(setup, "--sources", "contrastive", "--agreement", "", "--cut-sentences", "1")
     assert [(r["id"], r["chosen"][0]["content"]) for r in pairs] == [("contrastive:h1", "POS Q1 try1."),

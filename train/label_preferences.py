@@ -97,11 +97,11 @@ parser.add_argument("--max-new-tokens", type=int, default=96, help="length cap o
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the responses")
 parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of the responses")
 parser.add_argument("--best-of", type=int, default=4, help="contrastive / reversed: samples per side to find a passing pair")
-parser.add_argument("--fewshot", type=int, default=2,
+parser.add_argument("--fewshot", type=int, default=3,
                     help="contrastive / reversed: demonstration exchanges before each sampled side (0 = the instruction alone)")
 parser.add_argument("--fewshot-file", default=str(DEFAULT_FEWSHOT),
                     help="demonstrations (critique-revision few-shot format): revisions show the preferred side, initial responses the other")
-parser.add_argument("--cut-sentences", type=int, default=0,
+parser.add_argument("--cut-sentences", type=int, default=2,
                     help="contrastive / reversed: cut every candidate to its first N sentences before the gate (0 = uncut)")
 parser.add_argument("--classifier", default="head", choices=("head", "rules"),
                     help="gate of contrastive / reversed: rules + learnt head on the default model, or the rules alone")
@@ -297,10 +297,15 @@ def demonstration_shots(demos, classifier, n) -> dict:
     """Up to n demonstration exchanges per (prompt kind, side), from demonstrations whose principle applies to the
     kind: the chosen side shows revisions the classifier gives the expected class, the rejected side initial
     responses it does not (a flawed response that is itself a refusal, a lecture, is no contrast to a refusal;
-    the rules call some hand-written compliant ones off-topic, so the opposite verdict is not required)."""
+    the rules call some hand-written compliant ones off-topic, so the opposite verdict is not required), and for
+    benign prompts also the harmful demonstrations' refusals."""
     cands = [(kind, side, d, text) for d in demos
              for kind in (KINDS if d.principle.applies == "any" else (d.principle.applies,))
              for side, text in (("chosen", d.revision), ("rejected", d.response))]
+    # a benign prompt's refusal side may also show the refusals written for harmful prompts: over-refusal is
+    # harmlessness applied to the wrong prompt (measured: with the one benign refusal demonstration alone, the
+    # default model refused 0 of 8 look-alikes in 32 samples under the refusing instruction)
+    cands += [("benign", "rejected", d, d.revision) for d in demos if d.principle.applies == "harmful"]
     labels = classifier.classify_many([dict(request=d.messages[-1]["content"], response=text, kind=kind)
                                        for kind, side, d, text in cands]) if cands else []
     shots = {(kind, side): [] for kind in KINDS for side in ("chosen", "rejected")}
