@@ -8,6 +8,10 @@ transformers is the baseline being measured, imported only inside `main`; minica
 
     python tests/bench_generate.py                     # CPU, fp32, batch 1 and 16, 128 new tokens
     python tests/bench_generate.py --device cuda --compile --batch-sizes 1 16 64
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python tests/bench_generate.py
+        # emulates an AVX2-only CPU on an AVX-512 one, for both sides (oneDNN, ATen kernels, MKL's sgemm)
+
+The first line printed names the CPU and the instruction sets it ran with (cpuinfo flags and those variables).
 """
 import argparse
 
@@ -32,6 +36,29 @@ import torch
 import minicai
 from minicai.checkpoint import resolve_path
 from minicai.io import read_jsonl
+
+
+ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_isa() -> str:
+    """The CPU model, its vector extensions (/proc/cpuinfo flags), torch's kernel capability and the variables
+    that cap the instruction sets, in one line."""
+    import os
+
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    env = [f"{v}={os.environ[v]}" for v in ISA_VARS if v in os.environ]
+    return (f"cpu {info.get('model name', 'unknown')} ({' '.join(isa) or 'no avx2'}); torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; {' '.join(env) or 'no ISA caps set'}")
 
 
 def sync(device):
@@ -68,6 +95,7 @@ def main(args):
         raise ValueError(f"{args.prompts}: no row with a 'prompt' string")
     n = max(args.batch_sizes)
     prompts = [tok.apply_chat_template([{"role": "user", "content": rows[i % len(rows)]["prompt"]}]) for i in range(n)]
+    print(cpu_isa())
     print(f"model {args.model} on {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
           f"{args.new_tokens} new tokens per row, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
 
