@@ -26,7 +26,9 @@ For contrastive and reversed, each sampled side also sees up to --fewshot demons
 prompt (from --fewshot-file, principles routed to the prompt's kind): revisions on the preferred side, initial
 responses on the other, each checked by the same classifier (a revision must get the expected class, an initial
 response must not). A deviation from RLCD's instruction-only prompts: the default 135M model ignores the
-instruction (measured: under the positive instruction alone it refused 0 of 12 harmful prompts in 48 samples).
+instruction (measured, best-of 4, 48 tokens: under the instruction alone it refused 0 of 12 harmful prompts in 48
+samples and no prompt of 20 gave a contrastive pair, nor one of 8 look-alikes a reversed pair; with 3
+demonstrations and the 2-sentence cut, 7 of 20 (5 of 12 harmful) and 4 of 8).
 --cut-sentences N first cuts every candidate to its first N sentences (the open recipe's post-processing), so a
 refusal's good first sentence is not lost to the nonsense a small model writes after it; a shortened candidate
 is recorded with finish_reason "cut" (it gets an EOS). --best-of N samples N responses per side and pairs the
@@ -303,8 +305,8 @@ def demonstration_shots(demos, classifier, n) -> dict:
              for kind in (KINDS if d.principle.applies == "any" else (d.principle.applies,))
              for side, text in (("chosen", d.revision), ("rejected", d.response))]
     # a benign prompt's refusal side may also show the refusals written for harmful prompts: over-refusal is
-    # harmlessness applied to the wrong prompt (measured: with the one benign refusal demonstration alone, the
-    # default model refused 0 of 8 look-alikes in 32 samples under the refusing instruction)
+    # harmlessness applied to the wrong prompt (measured: 0 of 8 look-alikes gave a reversed pair with the one
+    # benign refusal demonstration, 4 of 8 with these added)
     cands += [("benign", "rejected", d, d.revision) for d in demos if d.principle.applies == "harmful"]
     labels = classifier.classify_many([dict(request=d.messages[-1]["content"], response=text, kind=kind)
                                        for kind, side, d, text in cands]) if cands else []
