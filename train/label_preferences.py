@@ -28,7 +28,8 @@ responses on the other, each checked by the same classifier (a revision must get
 response must not). A deviation from RLCD's instruction-only prompts: the default 135M model ignores the
 instruction (measured, best-of 4, 48 tokens: under the instruction alone it refused 0 of 12 harmful prompts in 48
 samples and no prompt of 20 gave a contrastive pair, nor one of 8 look-alikes a reversed pair; with 3
-demonstrations and the 2-sentence cut, 7 of 20 (5 of 12 harmful) and 4 of 8).
+demonstrations and the 2-sentence cut, 7 of 20 contrastive (5 of 12 harmful; one benign refusal demonstration
+then) and, with the harmful refusals added to the benign refusal side, 4 of 8 reversed).
 --cut-sentences N first cuts every candidate to its first N sentences (the open recipe's post-processing), so a
 refusal's good first sentence is not lost to the nonsense a small model writes after it; a shortened candidate
 is recorded with finish_reason "cut" (it gets an EOS). --best-of N samples N responses per side and pairs the
