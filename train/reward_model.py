@@ -224,6 +224,16 @@ def load_data(args, tokenizer) -> tuple:
     return train, held
 
 
+def held_out_by_source(rm, held, args, pad_id, autocast) -> dict:
+    """Held-out metrics per pair source when the pairs mix sources (label_preferences --sources), else {}."""
+    sources = sorted({e["source"] for e in held})
+    out = {s: evaluate(rm, [e for e in held if e["source"] == s], args.batch_size, pad_id, args.padding, autocast)
+           for s in sources} if len(sources) > 1 else {}
+    for s, m in out.items():
+        print(f"reward_model: held-out after, source {s or '(none)'}: {describe(m)}")
+    return out
+
+
 def describe(m) -> str:
     return (f"accuracy {m['accuracy']:.3f} (chance 0.5, n={m['n']}), loss {m['loss']:.4f}, margin {m['margin']:+.3f}, "
             f"chosen {m['chosen_mean']:+.3f}±{m['chosen_std']:.3f}, rejected {m['rejected_mean']:+.3f}±{m['rejected_std']:.3f}")
@@ -342,10 +352,7 @@ def main(argv=None):
     training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
                          title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
     train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
-    # a mix of pair sources (train.label_preferences --sources): does the model learn each one?
-    sources = sorted({e["source"] for e in held})
-    by_source = {s: evaluate(rm, [e for e in held if e["source"] == s], args.batch_size, pad_id, args.padding, autocast)
-                 for s in sources} if len(sources) > 1 else {}
+    by_source = held_out_by_source(rm, held, args, pad_id, autocast)
     metrics = {"held_out_before": before, "held_out_after": after, "held_out_after_by_source": by_source,
                "train_after": train_eval, "steps": step,
                "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
@@ -361,8 +368,6 @@ def main(argv=None):
     if after:
         print(f"reward_model: held-out before: {describe(before)}")
         print(f"reward_model: held-out after:  {describe(after)}")
-    for s, m in by_source.items():
-        print(f"reward_model: held-out after, source {s or '(none)'}: {describe(m)}")
     for p, m in metrics["extra_eval"].items():
         if m["before"]:
             print(f"reward_model: {p} before: {describe(m['before'])}")
