@@ -11,7 +11,9 @@ Features of one (request, response):
           assistant tag on), and its cosine with the mean over the prompt tokens, on the chat-templated pair
           with an empty system prompt, the request cut to MAX_REQUEST_TOKENS and the response to
           MAX_RESPONSE_TOKENS tokens. Only the first max(LAYERS) blocks run, a speed / accuracy trade (dev CV
-          on ~330 rows: 0.88/0.79 at block 12, 0.90/0.80 at 16, 0.90/0.82 at 20, binary / four-class).
+          on ~330 rows: 0.88/0.79 at block 12, 0.90/0.80 at 16, 0.90/0.82 at 20, binary / four-class). On 548
+          dev rows blocks 8+12+16 pooled together (0.900/0.834) and overlap / repetition-n-gram features
+          (0.905/0.830) did not beat block 16 alone (0.909/0.830), so neither is used.
 Fit (`python -m minicai.refusal fit`) on split "dev" only: features standardised on dev, the hidden block then
 scaled by `hidden_scale` (its own L2 strength: 0 = rules only); (l2, hidden_scale) chosen by K-fold
 cross-validation with folds grouped by request (a hash, so deterministic); L-BFGS in float64 from zeros.
