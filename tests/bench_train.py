@@ -17,8 +17,9 @@ Data: synthetic, fixed by --seed: prompts of --prompt-tokens tokens and completi
 exactly minicai's ids (checked: a mismatch is an error). Tokens/s counts real (non-padding) tokens, prompt and
 completion, chosen and rejected, per optimizer step (the share of padded positions is printed beside: minicai
 and hf batch the rows as train.dpo / train.sft do, length-bucketed; TRL as its trainers do); the first step is
-reported apart from the steady state (median over steps 2..N), with each step's process CPU time beside the wall time (on a loaded shared machine
-the CPU time of a --threads 1 run is the steadier number; ratios are given for both). Peak memory: the
+reported apart from the steady state (median over steps 2..N), with each step's process CPU time beside the
+wall time (on a loaded shared machine the CPU time of a --threads 1 run is the steadier number; ratios are
+given for both). Peak memory: the
 process's resident high-water mark (CPU; getrusage) or torch.cuda.max_memory_allocated (GPU), model loading
 included; "after load" is the resident size before step 1. Optimizers: each side's own default AdamW (minicai:
 training.make_optimizer, foreach=False; TRL: the Trainer's adamw_torch_fused; hf: torch.optim.AdamW), same
