@@ -187,17 +187,38 @@ def prepacked_weights(model, enabled: bool = True):
     if not enabled or model.packed_output is not None or not can_prepack(model.output_weight):
         yield model
         return
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    fused = fused_groups(model)
+    in_fused = {id(lin) for _, _, group in fused for lin in group}
+    linears = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in in_fused]
     try:
         with torch.no_grad():
             for m in linears:  # 16: the batch-size hint; the layout serves every batch size
                 m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16)
+            for module, name, group in fused:
+                weight = torch.cat([lin.weight.detach() for lin in group])
+                bias = torch.cat([lin.bias.detach() for lin in group]) if group[0].bias is not None else None
+                setattr(module, name, (torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias))
             model.packed_output = torch.ops.mkldnn._reorder_linear_weight(model.output_weight.detach(), 16)
         yield model
     finally:
         for m in linears:
             m.packed = None
+        for module, name, _ in fused:
+            setattr(module, name, None)
         model.packed_output = None
+
+
+def fused_groups(model) -> list:
+    """(module, attribute, linears) for the plain Linears that read the same input: each attention's q/k/v and
+    each SwiGLU's gate/up, packed as one matrix: one oneDNN call instead of three or two (10-13% less time in
+    these matmuls at 1-16 rows, fp32, 1 thread, SmolLM2-135M's shapes). A LoRA-wrapped member stays unfused."""
+    groups = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            groups.append((m, "packed_qkv", [m.q, m.k, m.v]))
+        elif isinstance(m, MLP) and not m.gpt2:
+            groups.append((m, "packed_gate_up", [m.gate, m.up]))
+    return [g for g in groups if all(type(lin) is Linear for lin in g[2])]
 
 
 class Attention(nn.Module):
@@ -211,13 +232,19 @@ class Attention(nn.Module):
         # Llama's attention_bias also puts a bias on o_proj; Qwen2 biases q/k/v only
         o_bias = cfg.arch == "gpt2" or (cfg.model_type == "llama" and cfg.attention_bias)
         self.o = Linear(cfg.n_heads * d, cfg.hidden_size, bias=o_bias)
+        self.packed_qkv = None  # (packed [q; k; v], bias): only inside prepacked_weights()
 
     def forward(self, x, rope, key_padding_mask, kv_cache, layer):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)     # [B, Hq, T, D]
-        k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.packed_qkv is not None and not torch.is_grad_enabled():
+            sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            q, k, v = packed_linear(x, *self.packed_qkv).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)             # [B, Hq, T, D]
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)          # [B, Hkv, T, D]
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -234,10 +261,14 @@ class MLP(nn.Module):
             self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.packed_gate_up = None  # (packed [gate; up], bias): only inside prepacked_weights()
 
     def forward(self, x):
         if self.gpt2:
             return self.down(F.gelu(self.up(x), approximate="tanh"))
+        if self.packed_gate_up is not None and not torch.is_grad_enabled():
+            gate, up = packed_linear(x, *self.packed_gate_up).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
 
 

@@ -102,15 +102,39 @@ def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
     with torch.no_grad():
         ref = model(ids)                                             # F.linear on the plain weights
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    attns = [b.attn for b in model.blocks]
     with torch.no_grad(), prepacked_weights(model):
         if can_prepack(model.output_weight):  # CPU with oneDNN: the packed path really runs
-            assert all(m.packed is not None for m in linears) and model.packed_output is not None
+            # q/k/v (and SwiGLU's gate/up) are packed as one matrix each; every other linear on its own
+            fused = {id(lin) for a in attns for lin in (a.q, a.k, a.v)}
+            fused |= {id(lin) for b in model.blocks if arch == "llama" for lin in (b.mlp.gate, b.mlp.up)}
+            assert all(a.packed_qkv is not None for a in attns) and model.packed_output is not None
+            assert all((m.packed is None) == (id(m) in fused) for m in linears)
         out = model(ids)
     assert (out - ref).abs().max().item() <= 1e-4  # summation order only (logits here reach ~230)
     assert all(m.packed is None for m in linears) and model.packed_output is None
+    assert all(a.packed_qkv is None for a in attns) and all(b.mlp.packed_gate_up is None for b in model.blocks)
     with prepacked_weights(model):                                   # with grad on, the plain weights serve
         model(ids).square().mean().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
+
+
+def test_prepacked_generation_with_lora_matches_unpacked():
+    """A LoRA-wrapped q keeps its attention unfused (its base weight packed alone, the adapter added on top)."""
+    from minicai.lora import apply_lora
+
+    model = tiny_model("llama", seed=6)
+    apply_lora(model, targets=("q",), rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)                                      # a non-zero update
+    kw = dict(max_new_tokens=8, stop_token_ids=[], temperature=0.0)
+    plain = generate(model, PROMPTS, prepack=False, **kw)
+    packed = generate(model, PROMPTS, **kw)
+    for a, b in zip(plain, packed):
+        assert a.tokens == b.tokens
+        assert max(abs(x - y) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-4
 
 
 def test_without_working_onednn_prepacking_is_a_no_op(monkeypatch):
