@@ -20,8 +20,8 @@ so a short prompt beside a long one costs its own length; only the last position
 vocabulary. Then one token per step for the whole batch. Rows that finish are dropped from the batch
 (KVCache.keep_rows) so they stop costing compute, and cache positions that are then padding in every row
 left are cut off the front. Sampling draws by inverting each row's CDF at one uniform (`sample`), and top-p
-sorts only the top NUCLEUS_CANDIDATES tokens when they hold the nucleus: both exact, and both ~20x cheaper
-than torch.multinomial per row and a full sort of a 49k vocabulary.
+sorts only the top NUCLEUS_CANDIDATES tokens when they hold the nucleus: both exact (batch 8, 49k vocabulary,
+1 thread: 20 ms -> 1 ms per step against torch.multinomial per row, 47 ms -> 3 ms against a full sort).
 
 Choices (documented in `generate` too):
 - `logprobs` is the log-probability of each token under the distribution it was drawn from (pi above),
