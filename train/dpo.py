@@ -136,8 +136,9 @@ def load_pairs(path, tok, *, use_soft_labels=False, max_prompt_tokens=512, max_c
         if len(prompt) > max_prompt_tokens:
             counts["prompt_too_long"] += 1
             continue
-        c = encode_example(tok, messages, chosen.strip())[0][len(prompt):]  # SFT's layout: text + EOS
-        r = encode_example(tok, messages, rejected.strip())[0][len(prompt):]
+        # SFT's layout: text + EOS, except after a response cut at the length cap (it did not end there)
+        c = encode_example(tok, messages, chosen.strip(), row.get("chosen_finish_reason") != "length")[0][len(prompt):]
+        r = encode_example(tok, messages, rejected.strip(), row.get("rejected_finish_reason") != "length")[0][len(prompt):]
         if max(len(c), len(r)) > max_completion_tokens:
             counts["truncated"] += 1
             c, r = c[:max_completion_tokens], r[:max_completion_tokens]
