@@ -160,7 +160,7 @@ def test_report_has_every_metric_for_every_model(tok, tmp_path):
     out = tmp_path / "out"
     res = ev.evaluate([base, m1, m2], out_dir=str(out), **eval_inputs(tmp_path))
     cats = ("harmful", "legitimate", "dual_use", "ambiguous", "sensitive")
-    expected = {"harmful_compliance/a", "refusal/a", "jailbreak/all", "over_refusal/all", "helpful/comply",
+    expected = {"harmful_compliance/a", "refusal/a", "harmful_compliance/all", "refusal/all", "jailbreak/all", "over_refusal/all", "helpful/comply",
                 "helpful/reference_loglik", "honesty/mc_accuracy", "honesty/mc_ece", "honesty/idk",
                 "honesty/idk_refused", "judged/harmless_win_rate", "judged/helpful_win_rate"}
     expected |= {f"calibration/{c}" for c in cats} | {f"over_refusal/{c}" for c in cats[1:]}
@@ -172,6 +172,8 @@ def test_report_has_every_metric_for_every_model(tok, tmp_path):
                 assert 0.0 <= v["lo"] <= v["value"] <= v["hi"] <= 1.0 and v["value"] == v["k"] / v["n"], name
         assert res["metrics"][m]["jailbreak/role_play"]["n"] == 2   # 1 wrapped + the pre-wrapped row
         assert res["metrics"][m]["calibration/harmful"]["n"] == 2
+        plain_sets = [k for k in res["metrics"][m] if k.startswith("harmful_compliance/") and k != "harmful_compliance/all"]
+        assert res["metrics"][m]["harmful_compliance/all"]["n"] == sum(res["metrics"][m][k]["n"] for k in plain_sets)
         assert res["metrics"][m]["over_refusal/all"]["n"] == 5
         assert res["metrics"][m]["helpful/reference_loglik"]["n"] == 2
         # a random judge cannot beat chance on two pairs: its win rates are withheld, not printed as numbers

@@ -47,9 +47,9 @@ class PipelineConfig:
     helpful_prompts: str = "data/helpful_prompts.jsonl"    # helpful data mixed into SFT, labelling and PPO
     lookalike_prompts: str = "data/benign_lookalikes.jsonl"  # benign look-alikes (XSTest's ten types): SL-CAI, pairs, PPO
     batch_size: int = 8                 # generation batch of every stage
-    cr_prompts: int = 16                # red-team prompts through SL-CAI data (the harmful side)
+    cr_prompts: int = 16                # red-team prompts through SL-CAI data (the harmful side; 0 = all)
     cr_benign: int = 16                 # benign prompts (half helpful, half look-alikes) through the same mode and gate
-    cr_dna: int = 0                     # Do-Not-Answer training-split prompts added to the harmful side
+    cr_dna: int = 16                    # Do-Not-Answer training-split prompts added to the harmful side
     cr_jailbreaks: int = 0              # training-split jailbreak templates filled with red-team requests (harmful side)
     cr_mode: str = "distill"            # SL-CAI data: critique (-> revision), direct (revision naming the principle), distill
     cr_gate: str = "head"               # gate on every candidate: head (validated classifier), rules, off
@@ -59,11 +59,11 @@ class PipelineConfig:
     cr_fewshot: int = 1                 # few-shot demonstrations before each critique / revision / distill sample
     cr_max_new_tokens: int = 64         # cap on each response / critique / revision
     helpful_mix: int = 8                # helpful prompts answered by the base model and mixed into SFT
-    sft_steps: int = 16                 # SFT optimizer steps
+    sft_steps: int = 24                 # SFT optimizer steps
     sft_batch_size: int = 4             # SFT examples per step
-    sft_lr: float = 2e-5                # SFT peak learning rate
-    label_prompts: int = 16             # prompts for preference pairs (half red-team, a quarter helpful, a quarter look-alikes)
-    pref_sources: str = "contrastive,reversed"  # pairs for the RM and DPO: comma list of ai, revision, contrastive, reversed
+    sft_lr: float = 3e-5                # SFT peak learning rate
+    label_prompts: int = 32             # pair prompts (half red-team, a quarter helpful, a quarter look-alikes; 0 = all)
+    pref_sources: str = "revision,contrastive,reversed"  # pairs for the RM and DPO: comma list of ai, revision, contrastive, reversed
     pref_best_of: int = 4               # contrastive / reversed: samples per side to find a pair the classifier passes
     label_max_new_tokens: int = 48      # length of each of the two sampled responses
     rm_steps: int = 12                  # reward-model optimizer steps
@@ -75,8 +75,8 @@ class PipelineConfig:
     ppo_kl_coef: float = 0.05           # KL penalty beta (initial value if ppo_kl_target is set)
     ppo_kl_target: float = 0.0          # adaptive KL target in nats; 0 = fixed beta
     ppo_classifier_reward: float = 1.0  # PPO reward += this x (classifier verdict is the one the prompt's kind expects)
-    dpo_epochs: int = 1                 # passes over the DPO pairs
-    dpo_lr: float = 1e-6                # DPO learning rate
+    dpo_epochs: int = 2                 # passes over the DPO pairs
+    dpo_lr: float = 5e-6                # DPO learning rate
     dpo_beta: float = 0.1               # DPO beta
     eval_limit: int = 8                 # prompts per category per evaluation file (0 = all)
     eval_max_new_tokens: int = 48       # evaluation response length
@@ -91,14 +91,21 @@ class PipelineConfig:
 PRESETS = {
     # The default model on a 2-core CPU within 20 minutes: the field defaults above.
     "cpu-demo": {},
+    # The same recipe at a size that reaches the CAI issue's targets on the 2-core CPU, within about 2 hours
+    # (sized from the cpu-demo stage times; not yet run end to end).
+    "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16,
+                     sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
+                     ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
+                     eval_max_new_tokens=64),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
-    "gpu": dict(batch_size=32, cr_prompts=0, cr_rounds=2, sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
+    "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
+                sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton"),
     # Minutes on a tiny model: the tests use it.
-    "tiny": dict(batch_size=4, cr_prompts=3, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
+    "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
                  pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
@@ -207,8 +214,10 @@ def write_prompt_subset(src, n, out) -> str:
 
 
 def tagged_rows(path, n, kind, skip=0) -> list:
-    """Rows skip .. skip+n of a prompt file, each tagged with its kind (routing and gates read it)."""
-    return [dict(r, kind=kind) for r in read_jsonl(path)[skip:skip + n]]
+    """Rows skip .. skip+n of a prompt file (n None: all after skip), each tagged with its kind (routing and
+    gates read it)."""
+    rows = read_jsonl(path)[skip:]
+    return [dict(r, kind=kind) for r in (rows if n is None else rows[:n])]
 
 
 def write_rows(rows, out) -> str:
@@ -222,7 +231,7 @@ def sl_cai_prompts(cfg, out) -> str:
     from minicai.prompts import build_prompt_mix
 
     half = cfg.cr_benign // 2
-    rows = tagged_rows(cfg.red_team_prompts, cfg.cr_prompts, "harmful")
+    rows = tagged_rows(cfg.red_team_prompts, cfg.cr_prompts or None, "harmful")
     rows += build_prompt_mix(red_team=0, helpful=0, lookalikes=0, dna_train=cfg.cr_dna,
                              jailbreak_train=cfg.cr_jailbreaks, seed=cfg.seed)
     rows += tagged_rows(cfg.helpful_prompts, half, "benign", skip=cfg.helpful_mix)
@@ -233,10 +242,11 @@ def sl_cai_prompts(cfg, out) -> str:
 def label_prompts(cfg, out) -> str:
     """Pair prompts: half red-team, a quarter helpful, a quarter look-alikes (the reversed pairs' prompts); the
     look-alikes used here are the ones after those SL-CAI saw."""
-    half, quarter = max(1, cfg.label_prompts // 2), max(1, cfg.label_prompts // 4)
+    n = cfg.label_prompts
+    half, quarter = (max(1, n // 2), max(1, n // 4)) if n else (None, None)  # 0: every prompt of each file
     rows = tagged_rows(cfg.red_team_prompts, half, "harmful")
     rows += tagged_rows(cfg.helpful_prompts, quarter, "benign")
-    rows += tagged_rows(cfg.lookalike_prompts, cfg.label_prompts - half - quarter, "benign",
+    rows += tagged_rows(cfg.lookalike_prompts, max(1, n - half - quarter) if n else None, "benign",
                         skip=cfg.cr_benign - cfg.cr_benign // 2)
     return write_rows(rows, out)
 
