@@ -257,6 +257,13 @@ def prefill(model, rows, max_new_tokens, device, dtype):
     similar length (prefill_groups) rather than as one batch padded to L, so short prompts next to a long
     one cost their own length; each group writes straight into its rows of the shared cache."""
     L = len(rows[0])
+    # identical neighbours (num_samples copies of a prompt) are prefilled once, then their cache rows copied
+    new = [j == 0 or rows[j] != rows[j - 1] for j in range(len(rows))]
+    if not all(new):
+        cache, logits = prefill(model, [r for r, n in zip(rows, new) if n], max_new_tokens, device, dtype)
+        source = (torch.tensor(new).cumsum(0) - 1).to(device)     # row j -> its unique prompt's row
+        cache.k, cache.v = cache.k.index_select(1, source), cache.v.index_select(1, source)
+        return cache, logits.index_select(0, source)
     cache = KVCache(model.config, len(rows), L + max_new_tokens, device=device, dtype=dtype)
     logits = []
     for start, end in prefill_groups([len(r) for r in rows]):

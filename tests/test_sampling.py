@@ -501,3 +501,24 @@ def test_top_p_on_a_large_vocabulary_sorts_candidates_or_everything():
             ref = reference_logprobs(rows[b], 0.8, 0, 0.9, 0.0)
             assert torch.equal(torch.isfinite(logp[b]), torch.isfinite(ref))
     assert torch.isfinite(process_logits(logits[1:], 0.8, 0, 0.9, 0.0)).sum() > NUCLEUS_CANDIDATES
+
+
+def test_repeated_prompts_are_prefilled_once_with_each_rows_cache():
+    """num_samples copies of a prompt (best-of-n) share one prefill: the model sees each distinct prompt once,
+    and every copy's cache and last logits equal that prompt's own prefill."""
+    from minicai.sampling import prefill
+
+    model = tiny_model("llama", seed=3)
+    long_p, short_p = [5, 9, 2, 7, 1, 3], [4, 8, 6]
+    rows = [long_p, long_p, long_p, short_p, short_p]
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, kw, out: seen.append(args[0].shape[0]), with_kwargs=True)
+    cache, logits = prefill(model, rows, 4, "cpu", torch.float32)
+    hook.remove()
+    assert sum(seen) == 2                                   # one row per distinct prompt went through the model
+    L = len(long_p)
+    for j, r in enumerate(rows):
+        alone, alone_logits = prefill(model, [r], 4, "cpu", torch.float32)
+        torch.testing.assert_close(logits[j], alone_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.k[:, j, :, L - len(r):L], alone.k[:, 0, :, :len(r)], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.v[:, j, :, L - len(r):L], alone.v[:, 0, :, :len(r)], atol=1e-5, rtol=1e-5)

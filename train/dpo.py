@@ -315,6 +315,19 @@ def train_loop(c):
                 c.guard.save(c.model, c.opt, step + 1, final=step + 1 == c.end)
 
 
+def load_data(args, tok) -> tuple:
+    """(train pairs, held-out pairs) of --data, with what was skipped printed."""
+    pairs, counts = load_pairs(args.data, tok, use_soft_labels=args.use_soft_labels,
+                               max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens)
+    print(f"dpo: {len(pairs)} pairs from {args.data}; skipped {counts['identical']} identical, {counts['empty']} "
+          f"with an empty completion, {counts['prompt_too_long']} with a prompt > {args.max_prompt_tokens} tokens; "
+          f"truncated {counts['truncated']}")
+    train_pairs, eval_pairs = split(pairs, args.eval_frac, args.seed)
+    if not train_pairs:
+        raise ValueError(f"{args.data}: no usable preference pairs")
+    return train_pairs, eval_pairs
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens bucket_window",
@@ -330,14 +343,7 @@ def main(argv=None):
     path = resolve_path(args.model)
     tok = load_tokenizer(path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    pairs, counts = load_pairs(args.data, tok, use_soft_labels=args.use_soft_labels,
-                               max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens)
-    print(f"dpo: {len(pairs)} pairs from {args.data}; skipped {counts['identical']} identical, {counts['empty']} "
-          f"with an empty completion, {counts['prompt_too_long']} with a prompt > {args.max_prompt_tokens} tokens; "
-          f"truncated {counts['truncated']}")
-    train_pairs, eval_pairs = split(pairs, args.eval_frac, args.seed)
-    if not train_pairs:
-        raise ValueError(f"{args.data}: no usable preference pairs")
+    train_pairs, eval_pairs = load_data(args, tok)
     resuming = training.start_run(args.out, args, logs=("log.jsonl", "eval_before.json", "eval.json", "curves.png"),
                                   outputs=(os.path.join(args.out, "final"),), run_flag="--out")
     os.makedirs(args.out, exist_ok=True)

@@ -116,6 +116,55 @@ def scatter_rows(full, rows, part):
     full[torch.as_tensor(rows, device=full.device), :part.shape[1]] = part.to(full.dtype)
 
 
+def rollout_forward(policy, value_head, ref, batch, minibatches_, args) -> tuple:
+    """Old log-probs, reference log-probs, values, entropy and exact KL of the rollout [B, R] each, computed by
+    the training forward over the first epoch's minibatches."""
+    B, R = batch["response_mask"].shape
+    full = {key: torch.zeros(B, R, device=args.device) for key in ("logprobs", "ref_logprobs", "values", "entropy", "kl")}
+    for rows in minibatches_:
+        # Grad mode on, as in the update below, so every kernel choice (e.g. SDPA's backend, which can
+        # depend on whether a backward will follow) is the same: that is what makes the ratio exactly 1.
+        out = response_logprobs(policy, select_rows(batch, rows), temperature=args.temperature, ref_model=ref,
+                                value_head=value_head, with_entropy=True)
+        for key, t in full.items():
+            scatter_rows(t, rows, out[key].detach())
+        del out  # frees this minibatch's graph
+    return tuple(full.values())
+
+
+def ppo_epochs(step, policy, value_head, opt, batch, plan, old, args, guard) -> list:
+    """The clipped policy + value updates over the rollout batch's minibatches (plan: one list per epoch);
+    old = (log-probs, values, advantages, returns) from the rollout. Returns each minibatch's stats."""
+    dev = args.device
+    old_logp, old_values, adv, returns = old
+    stats = []
+    for epoch, mbs in enumerate(plan):
+        for k, rows in enumerate(mbs):
+            sub = select_rows(batch, rows)
+            m = sub["response_mask"]
+            W = m.shape[1]
+            r_idx = torch.as_tensor(rows, device=dev)
+            out = response_logprobs(policy, sub, temperature=args.temperature, value_head=value_head)
+            pl, pm = ppo_policy_loss(out["logprobs"], old_logp[r_idx, :W], adv[r_idx, :W], m, clip_eps=args.cliprange)
+            vl, vm = ppo_value_loss(out["values"], old_values[r_idx, :W], returns[r_idx, :W], m,
+                                    clip_eps=args.cliprange_value)
+            if epoch == 0 and k == 0:  # nothing has been updated yet: new and old policy are the same forward
+                gap = (torch.where(m, out["logprobs"], 0) - torch.where(m, old_logp[r_idx, :W], 0)).abs().max()
+                if gap != 0:
+                    raise RuntimeError(f"step {step}: PPO ratio != 1 before any update (max |log ratio| = "
+                                       f"{float(gap):.3g}); the old log-probs must come from the same forward")
+            loss = pl + args.vf_coef * vl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            guard.check(step + 1, loss.detach(), gnorm)
+            opt.step()
+            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm.detach(),
+                          **pm, **vm})
+    return stats
+
+
 def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args, guard):
     """One rollout batch + its PPO update. Returns (metrics, sample completions)."""
     dev, pad = args.device, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -142,19 +191,8 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     policy.train()  # no dropout in our model; only gradient checkpointing looks at the flag
     B, R = batch["response_mask"].shape
     mask = batch["response_mask"]
-    zeros = lambda: torch.zeros(B, R, device=dev)
-    old_logp, ref_logp, old_values, entropy, kl_exact = zeros(), zeros(), zeros(), zeros(), zeros()
     plan = [minibatches(B, args.minibatch_size, args.seed, step, e) for e in range(args.ppo_epochs)]
-    for rows in plan[0]:
-        # Grad mode on, as in the update below, so every kernel choice (e.g. SDPA's backend, which can
-        # depend on whether a backward will follow) is the same: that is what makes the ratio exactly 1.
-        sub = select_rows(batch, rows)
-        out = response_logprobs(policy, sub, temperature=args.temperature, ref_model=ref,
-                                value_head=value_head, with_entropy=True)
-        for full, key in ((old_logp, "logprobs"), (ref_logp, "ref_logprobs"), (old_values, "values"),
-                          (entropy, "entropy"), (kl_exact, "kl")):
-            scatter_rows(full, rows, out[key].detach())
-        del out  # frees this minibatch's graph
+    old_logp, ref_logp, old_values, entropy, kl_exact = rollout_forward(policy, value_head, ref, batch, plan[0], args)
     with torch.no_grad():
         rewards = kl_penalized_rewards(shaped_score, old_logp, ref_logp, mask, kl_coef=kl_ctl.value,
                                        estimator=args.kl_estimator)                        # [B, R]
@@ -164,31 +202,7 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     sampler_gap = max(abs(a - b) for r, g in enumerate(gens) for a, b in zip(g.logprobs, old_logp[r].tolist()))
 
     # ---- PPO epochs
-    stats = []
-    for epoch, mbs in enumerate(plan):
-        for k, rows in enumerate(mbs):
-            sub = select_rows(batch, rows)
-            m = sub["response_mask"]
-            W = m.shape[1]
-            r_idx = torch.as_tensor(rows, device=dev)
-            out = response_logprobs(policy, sub, temperature=args.temperature, value_head=value_head)
-            pl, pm = ppo_policy_loss(out["logprobs"], old_logp[r_idx, :W], adv[r_idx, :W], m, clip_eps=args.cliprange)
-            vl, vm = ppo_value_loss(out["values"], old_values[r_idx, :W], returns[r_idx, :W], m,
-                                    clip_eps=args.cliprange_value)
-            if epoch == 0 and k == 0:  # nothing has been updated yet: new and old policy are the same forward
-                gap = (torch.where(m, out["logprobs"], 0) - torch.where(m, old_logp[r_idx, :W], 0)).abs().max()
-                if gap != 0:
-                    raise RuntimeError(f"step {step}: PPO ratio != 1 before any update (max |log ratio| = "
-                                       f"{float(gap):.3g}); the old log-probs must come from the same forward")
-            loss = pl + args.vf_coef * vl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for g in opt.param_groups for p in g["params"]]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            guard.check(step + 1, loss.detach(), gnorm)
-            opt.step()
-            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm.detach(),
-                          **pm, **vm})
+    stats = ppo_epochs(step, policy, value_head, opt, batch, plan, (old_logp, old_values, adv, returns), args, guard)
     opt.zero_grad(set_to_none=True)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()

@@ -281,6 +281,45 @@ def train_loop(c, step, position) -> tuple:
     return step, position
 
 
+def finish(c) -> dict:
+    """Held-out and training metrics after training, the saved model with its metrics, log and plot; c holds
+    main's locals."""
+    rm, held, args, pad_id, autocast, step = c.rm, c.held, c.args, c.pad_id, c.autocast, c.step
+    log_path, png_path, train, extra_sets, tokenizer = c.log_path, c.png_path, c.train, c.extra_sets, c.tokenizer
+    before, extra_before, run_dir = c.before, c.extra_before, c.run_dir
+    rm.eval()
+    after = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
+    rows = training.truncate_log(log_path, step)
+    if after:
+        rows[-1].update({f"eval_{k}": v for k, v in after.items()})
+        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows))
+    training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
+                         title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
+    train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
+    by_source = held_out_by_source(rm, held, args, pad_id, autocast)
+    metrics = {"held_out_before": before, "held_out_after": after, "held_out_after_by_source": by_source,
+               "train_after": train_eval, "steps": step,
+               "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
+               "extra_eval": {p: {"before": (extra_before or {}).get(p),
+                                  "after": evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast)}
+                              for p, ex in extra_sets.items()}}
+    save_reward_model(rm, tokenizer, args.out, extra_files={
+        "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
+        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
+    with open(png_path, "rb") as f:
+        atomic_write(os.path.join(args.out, "loss.png"), f.read())
+    print(f"reward_model: {step} steps; training pairs after: {describe(train_eval)}")
+    if after:
+        print(f"reward_model: held-out before: {describe(before)}")
+        print(f"reward_model: held-out after:  {describe(after)}")
+    for p, m in metrics["extra_eval"].items():
+        if m["before"]:
+            print(f"reward_model: {p} before: {describe(m['before'])}")
+        print(f"reward_model: {p} after:  {describe(m['after'])}")
+    print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
+    return metrics
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     training.check_flags(args, ge1="batch_size grad_accum max_len", pos="epochs lr", unit="min_lr_ratio",
@@ -343,37 +382,7 @@ def main(argv=None):
     bar.close()
 
     guard.save(rm, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
-    rm.eval()
-    after = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
-    rows = training.truncate_log(log_path, step)
-    if after:
-        rows[-1].update({f"eval_{k}": v for k, v in after.items()})
-        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-    training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
-                         title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
-    train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
-    by_source = held_out_by_source(rm, held, args, pad_id, autocast)
-    metrics = {"held_out_before": before, "held_out_after": after, "held_out_after_by_source": by_source,
-               "train_after": train_eval, "steps": step,
-               "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
-               "extra_eval": {p: {"before": (extra_before or {}).get(p),
-                                  "after": evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast)}
-                              for p, ex in extra_sets.items()}}
-    save_reward_model(rm, tokenizer, args.out, extra_files={
-        "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
-        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
-    with open(png_path, "rb") as f:
-        atomic_write(os.path.join(args.out, "loss.png"), f.read())
-    print(f"reward_model: {step} steps; training pairs after: {describe(train_eval)}")
-    if after:
-        print(f"reward_model: held-out before: {describe(before)}")
-        print(f"reward_model: held-out after:  {describe(after)}")
-    for p, m in metrics["extra_eval"].items():
-        if m["before"]:
-            print(f"reward_model: {p} before: {describe(m['before'])}")
-        print(f"reward_model: {p} after:  {describe(m['after'])}")
-    print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
-    return metrics
+    return finish(SimpleNamespace(**locals()))
 
 
 if __name__ == "__main__":
