@@ -22,25 +22,26 @@ def hide(monkeypatch, *names):
 
 
 def test_missing_trl_names_the_install_command(bench, monkeypatch):
-    hide(monkeypatch, "trl")
+    hide(monkeypatch, "trl", "datasets")  # both hidden, so the answer does not depend on what is installed here
     missing = bench.missing_peers(["minicai-dpo", "trl-dpo", "hf-sft", "trl-sft"])
     assert set(missing) == {"trl-dpo", "trl-sft"}
-    assert missing["trl-dpo"] == "trl not installed: pip install -e '.[bench]'"
+    assert missing["trl-dpo"] == "trl, datasets not installed: pip install -e '.[bench]'"
 
 
 def test_missing_transformers_skips_every_peer(bench, monkeypatch):
-    hide(monkeypatch, "transformers", "datasets")
+    hide(monkeypatch, "trl", "transformers", "datasets")
     missing = bench.missing_peers(bench.SIDES)
     assert set(missing) == {"trl-dpo", "hf-dpo", "trl-sft", "hf-sft"}
-    assert missing["trl-sft"].startswith("datasets, transformers not installed")
+    assert missing["trl-sft"].startswith("trl, datasets, transformers not installed")
+    assert missing["hf-sft"].startswith("transformers not installed")
 
 
 def test_skipped_sides_leave_the_rest_running(bench, monkeypatch, capsys):
-    hide(monkeypatch, "trl")
+    hide(monkeypatch, "trl", "datasets")
     ran = []
     monkeypatch.setattr(bench, "run_side", lambda side, dtype, argv, timeout: ran.append((side, dtype)) or
                         (None, "not run in this test"))
     args = bench.parser.parse_args(["--sides", "minicai-dpo", "trl-dpo", "--dtypes", "float32"])
     assert bench.main(args, []) == 1  # the stubbed side "failed"; the point is which sides were tried
     assert ran == [("minicai-dpo", "float32")]
-    assert "trl-dpo: skipped (trl not installed: pip install -e '.[bench]')" in capsys.readouterr().out
+    assert "trl-dpo: skipped (trl, datasets not installed: pip install -e '.[bench]')" in capsys.readouterr().out
