@@ -49,6 +49,11 @@ def jsonl_with_lines(path, required=()) -> list:
 def load_prompts(paths) -> list:
     """Chat message lists from JSONL files whose rows have "prompt" (string or messages) or "messages".
     Errors name file:line."""
+    return [messages for messages, _, _ in load_prompt_rows(paths)]
+
+
+def load_prompt_rows(paths) -> list:
+    """[(messages, row, "file:line")] of every prompt row, checked as load_prompts checks them."""
     out = []
     for path in paths:
         for lineno, row in jsonl_with_lines(path):
@@ -57,10 +62,11 @@ def load_prompts(paths) -> list:
             if raw is None:
                 raise ValueError(f"{where}: needs a 'prompt' or 'messages' field")
             try:
-                out.append(as_messages(raw))
+                messages = as_messages(raw)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            check_trainable_messages(out[-1], where)
+            check_trainable_messages(messages, where)
+            out.append((messages, row, where))
     if not out:
         raise ValueError(f"no prompts in {list(paths)}")
     return out

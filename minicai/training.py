@@ -358,6 +358,16 @@ def add_run_flags(parser) -> None:
                         help="stop when a step's loss exceeds this x its recent average (0 = off)")
 
 
+def add_speed_flags(parser) -> None:
+    """--autocast and --bucket-window, which SFT and DPO take."""
+    parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
+                        help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for "
+                             "CUDA and for CPUs with native bf16 (AVX512-BF16/AMX), else off")
+    parser.add_argument("--bucket-window", type=int, default=8,
+                        help="sort each window of this many batches of the shuffled order by length, so batches pad "
+                             "little (1 = plain shuffled order)")
+
+
 def micro_batches(n, batch_size, seed, position, lengths=None, window=1):
     """Endless micro-batches of example indices: epoch e is torch.randperm(n) under seed (seed, e), cut into
     batches (with `lengths`, sorted in windows of `window` micro-batches first: sort_in_windows). Yields

@@ -82,3 +82,12 @@ def tiny_chat_model_dir(tmp_path_factory):
             p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.0) + (1.0 if p.dim() == 1 else 0.0))
     save_pretrained(model, load_tokenizer(out), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests: tiny matmuls cost more in thread hand-offs than in work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,7 +6,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 import train.critique_revise as cr
 from minicai.gates import COPY_SHARE, class_reason, copied_share, cut_sentences, first_passing, text_reason
@@ -17,12 +16,7 @@ BREAD = ("Mix flour, water, yeast and salt, knead the dough, let it rise for an 
          "220 C for 30 minutes.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread in this module
 
 
 def write_jsonl(path, rows):

@@ -96,12 +96,7 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the split and t
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: %(default)s)")
 parser.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
 parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
-parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
-                    help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for CUDA "
-                         "and for CPUs with native bf16 (AVX512-BF16/AMX), else off (default: %(default)s)")
-parser.add_argument("--bucket-window", type=int, default=8,
-                    help="sort each window of this many steps of the shuffled order by length, so batches pad little "
-                         "(1 = plain shuffled order; default: %(default)s)")
+training.add_speed_flags(parser)
 training.add_run_flags(parser)
 
 

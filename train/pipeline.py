@@ -208,9 +208,7 @@ class Stages:
 def write_prompt_subset(src, n, out) -> str:
     """The first n rows of src (all when n == 0), as a file the stage scripts read."""
     rows = read_jsonl(src)
-    rows = rows[:n] if n else rows
-    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return out
+    return write_rows(rows[:n] if n else rows, out)
 
 
 def tagged_rows(path, n, kind, skip=0) -> list:
@@ -221,7 +219,9 @@ def tagged_rows(path, n, kind, skip=0) -> list:
 
 
 def write_rows(rows, out) -> str:
-    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    from minicai.prompts import write_prompt_mix
+
+    write_prompt_mix(rows, out)
     return out
 
 
@@ -386,8 +386,7 @@ def stage_redteam_prompts(st, d, model, eval_results, round_no):
         technique = rng.choice(techniques)
         rows.append({"id": f"r{round_no}-new-{i}", "messages": wrap(request, technique, seed=c.seed + i),
                      "category": "harmful", "technique": technique, "source_prompt": seed_prompt})
-    out = os.path.join(d, "prompts.jsonl")
-    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = write_rows(rows, os.path.join(d, "prompts.jsonl"))
     return {"prompts": out, "kept": len(seeds) if complied else 0, "new": len(gens)}
 
 

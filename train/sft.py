@@ -83,13 +83,8 @@ parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR
 parser.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
 parser.add_argument("--dtype", default="float32", help="dtype of the trained (master) weights")
-parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
-                    help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for "
-                         "CUDA and for CPUs with native bf16 (AVX512-BF16/AMX), else off")
-parser.add_argument("--bucket-window", type=int, default=8,
-                    help="sort each window of this many micro-batches of the shuffled order by length, so "
-                         "micro-batches pad little (1 = plain shuffled order)")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
+training.add_speed_flags(parser)
 training.add_run_flags(parser)
 
 # Arguments that may change between a run and its --resume; every other one must match.
