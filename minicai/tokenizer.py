@@ -226,9 +226,6 @@ class Tokenizer:
         out.append(b"".join(run).decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def token_str(self, token_id: int) -> str:
-        return self.decode([token_id])
-
     # -- chat ----------------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=True, mark_content=False) -> str:
         if not self.chat_template:

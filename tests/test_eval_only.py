@@ -23,12 +23,11 @@ PAST_TENSE = _first_line("phrasing/past_tense_en.txt")
 
 
 def _readers(tok):
-    from minicai.rl import load_prompts
     from minicai.sft_data import read_sft_rows
-    from train import critique_revise, dpo, label_preferences, reward_model
+    from train import critique_revise, dpo, label_preferences, ppo, reward_model
 
     return {
-        "ppo prompts": (lambda p: load_prompts([p]), lambda q: {"prompt": q}),
+        "ppo prompts": (lambda p: ppo.read_ppo_prompts([p], 1.0), lambda q: {"prompt": q}),
         "sft rows": (read_sft_rows, lambda q: {"prompt": q, "response": "Sure."}),
         "critique-revise prompts": (critique_revise.load_prompts, lambda q: {"prompt": q}),
         "labelling prompts": (lambda p: label_preferences.load_prompt_rows([p]), lambda q: {"messages": [
@@ -52,9 +51,9 @@ def test_every_training_reader_refuses_evaluation_only_prompts(tmp_path, tiny_ch
 
 
 def test_the_projects_training_files_are_clean():
-    from minicai.rl import load_prompts
+    from minicai.prompts import read_prompts
 
-    assert load_prompts(["data/red_team_prompts.jsonl", "data/helpful_prompts.jsonl"])   # no error raised
+    assert read_prompts(["data/red_team_prompts.jsonl", "data/helpful_prompts.jsonl"])   # no error raised
     from minicai.io import read_jsonl
 
     for row in read_jsonl("data/fewshot_critique_revision.jsonl"):

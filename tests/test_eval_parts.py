@@ -8,8 +8,7 @@ import pytest
 
 from minicai.io import read_jsonl
 from minicai.jailbreaks import TECHNIQUES, wrap
-from minicai.metrics import (brier_score, expected_calibration_error, idk_rate, is_idk, preference_outcomes,
-                             reliability_bins, win_rate)
+from minicai.metrics import expected_calibration_error, idk_rate, is_idk, reliability_bins, win_rate
 from minicai.refusal import (BRIEF_WORDS, classify, classify_reason, is_hedged, is_lecture,
                              is_refusal, score_calibration)
 
@@ -232,17 +231,9 @@ def test_ece_hand_computed():
         expected_calibration_error([0.5, 1.5], [1, 0])
 
 
-def test_brier_hand_computed():
-    assert brier_score([0.9, 0.2], [1, 0]) == pytest.approx((0.01 + 0.04) / 2)
-    assert brier_score([[0.7, 0.2, 0.1]], [0]) == pytest.approx(0.09 + 0.04 + 0.01)
-    with pytest.raises(ValueError, match="outcomes"):
-        brier_score([0.5], [2])
-
-
 def test_win_rate():
     assert win_rate(["win", "loss", "tie", "win"]) == pytest.approx(2.5 / 4)
     assert win_rate([1, 0, 0.5]) == pytest.approx(0.5)
-    assert preference_outcomes(["a", "b", "tie"], side="b") == ["loss", "win", "tie"]
     with pytest.raises(ValueError, match=r"outcomes\[1\]"):
         win_rate(["win", "draw"])
 

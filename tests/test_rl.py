@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from minicai.losses import gae_advantages, kl_penalized_rewards
 from minicai.model import ModelConfig, Transformer
-from minicai.rl import (ValueHead, collate, load_prompts, response_logprobs, score_sequences,
-                        select_rows)
+from minicai.rl import ValueHead, collate, response_logprobs, score_sequences, select_rows
 from minicai.sampling import generate
 from minicai.tokenizer import load_tokenizer
 
@@ -251,8 +250,13 @@ def test_ppo_bad_prompts(tiny_dir, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: needs a 'prompt' or 'messages'"):
-        load_prompts([bad])
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: missing field 'prompt' or 'messages'"):
+        ppo.read_ppo_prompts([bad], 0)
+    nokind = tmp_path / "nokind.jsonl"
+    nokind.write_text('{"prompt": "ok", "category": "harmful"}\n{"prompt": "no kind"}\n')
+    with pytest.raises(ValueError, match=r"nokind.jsonl:2: --classifier-reward needs"):
+        ppo.read_ppo_prompts([nokind], 1.0)
+    assert [p["kind"] for p in ppo.read_ppo_prompts([nokind], 0)] == [None, None]  # kinds unread without it
     with pytest.raises(ValueError, match="--reward-model is required"):
         ppo.main(["--model", str(tiny_dir / "model"), "--out", str(tmp_path / "o")])
 

@@ -272,6 +272,19 @@ def test_generate_checks_prompts_as_training_does(tmp_path, tiny_chat_model_dir,
     assert not os.path.exists(tmp_path / "o.jsonl")
 
 
+def test_generate_raw_mode_and_one_prompt_field(tmp_path, tiny_chat_model_dir, capsys):
+    out = tmp_path / "o.jsonl"
+    raw = ["generate", "--model", tiny_chat_model_dir, "--out", str(out), "--max-new-tokens", "2", "--raw", "--prompts"]
+    assert cli.main(raw + [write(tmp_path / "blank.jsonl", [{"prompt": "abc"}, {"prompt": " "}])]) == 2
+    assert "blank.jsonl:2: prompt must be a non-empty string" in capsys.readouterr().err
+    both = write(tmp_path / "both.jsonl", [{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}])
+    assert gen(tiny_chat_model_dir, both, out) == 2
+    assert "both.jsonl:1: need exactly one of 'prompt' (str) or 'messages' (list)" in capsys.readouterr().err
+    ok = write(tmp_path / "ok.jsonl", [{"prompt": "abc"}, {"messages": [{"role": "user", "content": "hi"}]}])
+    assert not os.path.exists(out) and cli.main(raw + [ok]) == 0
+    assert [r.get("prompt") for _, r in read_jsonl_lines(out)] == ["abc", None]
+
+
 def test_generate_resumes_by_prompt_not_by_line(tmp_path, tiny_chat_model_dir):
     p, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     write(p, [{"prompt": "alpha"}, {"prompt": "beta"}, {"prompt": "gamma"}, {"prompt": "beta"}])

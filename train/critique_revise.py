@@ -63,11 +63,11 @@ from tqdm import tqdm
 
 from minicai.checkpoint import default_model_dir, generation_dtype, load_pretrained, resolve_device, resolve_path
 from minicai.constitution import (CONVERSATION_INTRO, DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, _revision_request,
-                                  critique_messages, load_constitution, load_fewshot, prompt_kind,
-                                  render_conversation, revision_messages, row_messages, strip_label)
-from minicai.garak_data import check_trainable_messages
+                                  critique_messages, load_constitution, load_fewshot, render_conversation,
+                                  revision_messages, strip_label)
 from minicai.gates import class_reason, cut_sentences, first_passing, text_reason
-from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
+from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
+from minicai.prompts import read_prompts
 from minicai.refusal import load_classifier, prompt_text
 from minicai.refusal_head import ResponseClassifier
 from minicai.sampling import generate
@@ -119,35 +119,15 @@ parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def load_prompts(paths, limit=0) -> list:
-    """[(id, row, messages, kind)] from one or more files; id is the row's 'id' field or '<file stem>-<row index>';
-    kind is prompt_kind(row). Every row is checked as trainable before any kind is read."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    out, wheres, seen = [], [], set()
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        for i, (lineno, row) in enumerate(read_jsonl_lines(path)):
-            if limit and len(out) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            messages = row_messages(row, where)
-            check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
-            if "response" in row and (not isinstance(row["response"], str) or not row["response"].strip()):
-                raise ValueError(f"{where}: field 'response' must be a non-empty string")
-            rid = str(row.get("id", f"{stem}-{i:05d}"))
-            if rid in seen:
-                raise ValueError(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
-            out.append((rid, row, messages))
-            wheres.append(where)
-    if not out:
-        raise ValueError(f"{', '.join(paths)}: no prompts (the file has no rows)")
-    rows = []
-    for (rid, row, messages), where in zip(out, wheres):
-        try:
-            rows.append((rid, row, messages, prompt_kind(row)))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    return rows
+    """[(id, row, messages, kind)] of the prompt files (minicai.prompts.read_prompts); id is the row's 'id' field or
+    '<file stem>-<row index>'; every row needs a kind (prompt_kind); an optional 'response' is the initial answer."""
+    rows = read_prompts(paths, limit, ids="index", kinds="required", check=_check_response)
+    return [(p["id"], p["row"], p["messages"], p["kind"]) for p in rows]
+
+
+def _check_response(row, where):
+    if "response" in row and (not isinstance(row["response"], str) or not row["response"].strip()):
+        raise ValueError(f"{where}: field 'response' must be a non-empty string")
 
 
 def call_seed(seed, *parts) -> int:

@@ -58,9 +58,9 @@ from minicai import training
 from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
 from minicai.constitution import as_messages
 from minicai.garak_data import check_trainable_messages
-from minicai.io import append_jsonl, atomic_write, read_jsonl
+from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_lines
 from minicai.losses import dpo_loss
-from minicai.rl import completion_logprobs, completion_text, jsonl_with_lines, peak_memory_mb, reset_peak_memory
+from minicai.rl import completion_logprobs, completion_text, peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, collate, encode_example
 from minicai.tokenizer import load_tokenizer
 from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
@@ -106,7 +106,7 @@ def load_pairs(path, tok, *, use_soft_labels=False, max_prompt_tokens=512, max_c
     """Tokenised pairs [{prompt, chosen, rejected, soft_label}] and counts of skipped / truncated rows."""
     counts = {"identical": 0, "empty": 0, "prompt_too_long": 0, "truncated": 0}
     pairs = []
-    for lineno, row in jsonl_with_lines(path, required=("prompt", "chosen", "rejected")):
+    for lineno, row in read_jsonl_lines(path, required=("prompt", "chosen", "rejected")):
         where = f"{path}:{lineno}"
         try:
             messages = as_messages(row["prompt"])

