@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from minicai.checkpoint import clean_stale, cpu_has_native_bf16, promote_dir, stage_dir, verify_file
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 
-__all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_state", "load_state", "DivergenceGuard",
+__all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
            "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches"]
 
@@ -105,7 +105,7 @@ def check_finite(step, **values) -> None:
 
 class DivergenceGuard:
     """check(step, loss, grad_norm) after each backward (see the module docstring), and save(...) instead of
-    save_state: the staged state is promoted when the next check passes, or by `with guard:` on any exit
+    save_resume_state: the staged state is promoted when the next check passes, or by `with guard:` on any exit
     other than a divergence (an interrupt or a crash says nothing against the saved weights)."""
 
     def __init__(self, state_dir, uniform_loss=None, max_jump=10.0, ema=0.9):
@@ -135,7 +135,7 @@ class DivergenceGuard:
     def save(self, model, optimizer, step, data_position=None, extra=None, final=False) -> None:
         self.discard()
         extra = {**(extra or {}), "guard": {"avg": self.avg, "first": self.first, "armed": self.armed}}
-        self.pending = save_state(self.state_dir, model, optimizer, step, data_position, extra, promote=False)
+        self.pending = save_resume_state(self.state_dir, model, optimizer, step, data_position, extra, promote=False)
         if final:
             self.promote()
 
@@ -233,7 +233,7 @@ def _set_rng_state(tensors, scalars) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_state(state_dir, model, optimizer, step, data_position=None, extra=None, promote=True):
+def save_resume_state(state_dir, model, optimizer, step, data_position=None, extra=None, promote=True):
     """Write everything needed to continue training after optimizer step `step` (atomically: a reader
     sees the previous complete state or this one, never a mix). promote=False: return the staged folder
     for checkpoint.promote_dir (DivergenceGuard promotes it once the saved weights passed a check)."""
@@ -277,8 +277,8 @@ def _load_tensors(path) -> dict:
         raise ValueError(f"{path}: unreadable safetensors file ({e}); resume from an earlier copy or start over") from None
 
 
-def load_state(state_dir, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG states saved by save_state into `model` / `optimizer` (built
+def load_resume_state(state_dir, model, optimizer) -> dict:
+    """Restore weights, optimizer and RNG states saved by save_resume_state into `model` / `optimizer` (built
     the same way as when saving). Returns the state.json dict (step, data_position, extra)."""
     path = os.path.join(state_dir, "state.json")
     if not os.path.exists(path):

@@ -318,3 +318,13 @@ def test_verdict_reward_adds_weight_where_the_class_is_expected(tiny_chat_model_
     assert seen == [(harmful, "No.", "harmful"), (harmful, "Mix it.", "harmful"), (benign, "Knead it.", "benign")]
     with pytest.raises(ValueError, match="none of the 2 known prompts"):
         fn(torch.tensor([[7, 8, 9]]), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_contrastive_kinds_leaves_benign_prompts_to_reversed(setup):
+    """--contrastive-kinds harmful: no contrastive pair or drop on a benign prompt; reversed still labels them."""
+    rows = run(setup, "--sources", "contrastive,reversed", "--agreement", "", "--contrastive-kinds", "harmful")
+    assert [r["id"] for r in rows] == ["contrastive:h1", "reversed:b4"]
+    dropped = [json.loads(x)["id"] for x in open(setup["tmp"] / "pairs.dropped.jsonl")]
+    assert not any(d.startswith("contrastive:b") for d in dropped) and "reversed:b5" in dropped
+    with pytest.raises(ValueError, match="--contrastive-kinds 'safe'"):
+        run(setup, "--sources", "contrastive", "--contrastive-kinds", "safe")

@@ -27,8 +27,28 @@ def test_config_overrides_and_validation(tmp_path):
         pipeline.resolve_config(["--ppo-lr", "-1"])
     with pytest.raises(ValueError, match="red_team_prompts"):
         pipeline.resolve_config(["--red-team-prompts", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="rl_methods"):
+        pipeline.resolve_config(["--rl-methods", "dpo,sft"])
     helps = pipeline.field_help()
     assert all(f in helps for f in pipeline.PipelineConfig.__dataclass_fields__), "every field needs a comment"
+
+
+@pytest.mark.parametrize("preset", sorted(pipeline.PRESETS))
+def test_stages_take_disjoint_prompts_covering_every_lookalike_type(tmp_path, preset):
+    """Stage 01 (SL-CAI), stage 02 (base answers for the SFT mix) and stage 04 (pairs) never share a benign
+    prompt, and the few look-alikes a small preset takes span XSTest's types (the file is sorted by type). (The
+    red-team prompts are shared on purpose: the revision pairs are made from stage 01's rows.)"""
+    cfg, _ = pipeline.resolve_config(["--preset", preset])
+    text = lambda r: r.get("prompt") or json.dumps(r["messages"])
+    read = lambda path: [text(r) for r in map(json.loads, open(path)) if r["kind"] == "benign"]
+    sl = read(pipeline.sl_cai_prompts(cfg, str(tmp_path / "sl.jsonl")))
+    pairs = read(pipeline.label_prompts(cfg, str(tmp_path / "pairs.jsonl")))
+    mix = [text(r) for r in pipeline.sft_mix_rows(cfg)]
+    assert not set(sl) & set(pairs) and not set(sl) & set(mix) and not set(pairs) & set(mix)
+    lookalikes = {r["prompt"]: r["type"] for r in map(json.loads, open(cfg.lookalike_prompts))}
+    for taken in (sl, pairs, mix):
+        types = [lookalikes[p] for p in taken if p in lookalikes]
+        assert len(set(types)) == min(len(types), len(set(lookalikes.values())))
 
 
 @pytest.mark.slow

@@ -208,3 +208,31 @@ def test_every_mode_end_to_end_on_the_tiny_model(tmp_path, tiny_chat_model_dir, 
     assert all(len(r["candidates"]) == 2 and r["mode"] == mode for r in kept + dropped)
     report = json.load(open(tmp_path / "o.report.json"))
     assert report["kept"] == len(kept) and report["dropped"] == len(dropped)
+
+
+def test_distill_principles_lists_k_routed_principles_per_row(tmp_path, tiny_chat_model_dir, files, monkeypatch):
+    """--distill-principles 2: each distill prompt lists exactly two of its kind's routed `positive:` lines, in
+    the constitution's order, the same two on a rerun; 0 lists all of them."""
+    from minicai.constitution import load_constitution
+
+    constitution = load_constitution()
+    listed = {}
+    for k in (2, 0, 2):
+        seen = []
+        monkeypatch.setattr(cr, "sample_batch", scripted(STAGES, seen))
+        out = tmp_path / f"o{k}-{len(listed)}.jsonl"
+        kept = cr.main(argv(tiny_chat_model_dir, files, out, "--mode", "distill", "--gate", "rules",
+                            "--best-of", "2", "--distill-principles", str(k)))
+        for r in kept:
+            kind = "benign" if r["id"] == "b1" else "harmful"
+            routed = [p.name for p in cr.distill_principles(constitution, kind)]
+            names = r["conditioning"]["principles"]
+            assert len(names) == (k or len(routed)) and names == [n for n in routed if n in names]
+            text = {"h1": "pick a lock", "h2": "neighbour's lock", "b1": "bake bread"}[r["id"]]
+            prompt = next(full for s, full in seen if s == "distill" and text in full)
+            shown = [p.name for p in constitution.critiques if p.positive and f"- {p.positive}" in prompt]
+            assert sorted(shown) == sorted(names)
+        listed.setdefault(k, []).append({r["id"]: r["conditioning"]["principles"] for r in kept})
+    assert listed[2][0] == listed[2][1]
+    with pytest.raises(ValueError, match="--distill-principles >= 0, got 1, 0 and -1"):
+        cr.main(argv(tiny_chat_model_dir, files, tmp_path / "bad.jsonl", "--distill-principles", "-1"))

@@ -158,12 +158,12 @@ def test_optimizer_decay_groups_and_state_roundtrip(tmp_path, tiny_chat_model_di
     ids = torch.randint(0, 265, (2, 9))
     model(ids).sum().backward()
     opt.step()
-    training.save_state(tmp_path / "st", model, opt, 1, {"epoch": 0, "batch": 3})
+    training.save_resume_state(tmp_path / "st", model, opt, 1, {"epoch": 0, "batch": 3})
     assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in os.listdir(tmp_path / "st"))
     expect = torch.rand(3)
     model2 = load_model(tiny_chat_model_dir).train()
     opt2 = training.make_optimizer(model2, 1e-3, weight_decay=0.1)
-    meta = training.load_state(tmp_path / "st", model2, opt2)
+    meta = training.load_resume_state(tmp_path / "st", model2, opt2)
     assert meta["step"] == 1 and meta["data_position"] == {"epoch": 0, "batch": 3}
     assert torch.equal(torch.rand(3), expect)                              # torch RNG restored
     for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):

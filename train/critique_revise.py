@@ -9,6 +9,9 @@
             principles for the prompt's kind (their `positive:` instructions, in a system turn) and few-shot
             demonstrations (prompt -> the demonstration's revision) before it; the sample is the target, and the
             SFT row holds the plain prompt (the conditioning is recorded under `conditioning`, never trained on).
+            --distill-principles K lists K of those principles per prompt, drawn per row (0 = all: 9-11 of them,
+            430-620 tokens of prompt with one demonstration; K = 3 about halves that, and a decoding step of
+            32 rows reads the cache of every row's whole prompt).
 Routing: principles and demonstrations are drawn only among those whose `applies` matches the prompt's kind
 (minicai.constitution.prompt_kind: the row's `kind` or `category`; a row with neither is an error).
 Best-of-n: the last round (distill: the one sample) draws --best-of candidates per prompt (critique mode: that
@@ -101,6 +104,8 @@ parser.add_argument("--best-of", type=int, default=1, help="candidates per promp
 parser.add_argument("--cut-sentences", type=int, default=0,
                     help="keep only the first N sentences of each candidate before the gate (0 = no cut)")
 parser.add_argument("--rounds", type=int, default=2, help="critique -> revision rounds per prompt (not distill)")
+parser.add_argument("--distill-principles", type=int, default=0,
+                    help="distill: principles listed per prompt, drawn per row among the routed ones (0 = all)")
 parser.add_argument("--constitution", default=str(DEFAULT_CONSTITUTION), help="constitution file")
 parser.add_argument("--fewshot", default=str(DEFAULT_FEWSHOT), help="few-shot demonstrations JSONL")
 parser.add_argument("--n-fewshot", type=int, default=2, help="demonstrations shown before each request")
@@ -311,6 +316,8 @@ def distill_candidates(batch, rngs, models, constitution, demos, args) -> tuple:
     prompts, conditioning = [], []
     for rng, (_, _, msgs, kind) in zip(rngs, batch):
         principles, chosen = distill_principles(constitution, kind), draw_demos(rng, demos, kind, args.n_fewshot)
+        if 0 < args.distill_principles < len(principles):  # keep the constitution's order of the drawn ones
+            principles = [principles[i] for i in sorted(rng.sample(range(len(principles)), args.distill_principles))]
         build = lambda d, m=msgs, p=principles, c=chosen: distill_messages(m, p, pick(demos, c, d))
         ids_j, d, t = fit_prompt(tok, build, len(chosen), lim - args.max_new_tokens)
         prompts.append(ids_j)
@@ -434,9 +441,9 @@ def write_report(out, dropped_path, report_path) -> dict:
 def check_args(args) -> None:
     if args.rounds < 1 or args.batch_size < 1 or args.n_fewshot < 0 or args.max_new_tokens < 1:
         raise ValueError("--rounds, --batch-size and --max-new-tokens must be >= 1 and --n-fewshot >= 0")
-    if args.best_of < 1 or args.cut_sentences < 0:
-        raise ValueError(f"--best-of must be >= 1 and --cut-sentences >= 0, got {args.best_of} and "
-                         f"{args.cut_sentences}")
+    if args.best_of < 1 or args.cut_sentences < 0 or args.distill_principles < 0:
+        raise ValueError(f"--best-of must be >= 1 and --cut-sentences, --distill-principles >= 0, got "
+                         f"{args.best_of}, {args.cut_sentences} and {args.distill_principles}")
     for path in (args.out,) + side_paths(args.out):
         check_output_path(path, "file")
     resolve_device(args.device)

@@ -63,7 +63,7 @@ from minicai.losses import dpo_loss
 from minicai.rl import completion_logprobs, completion_text, peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, collate, encode_example
 from minicai.tokenizer import load_tokenizer
-from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
+from minicai.training import load_resume_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
@@ -362,7 +362,7 @@ def main(argv=None):
     total = args.epochs * steps_per_epoch
     start = 0
     if resuming:
-        meta = load_state(state_dir, model, opt)
+        meta = load_resume_state(state_dir, model, opt)
         start = meta["step"]
         guard.restore(meta)
         truncate_log(log_path, start)

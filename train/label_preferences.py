@@ -21,7 +21,9 @@
   reversed     for benign prompts (kind benign, the look-alikes among them): the plain prompt's answer that the
                classifier calls comply is chosen over one sampled under a benign principle's `negative`
                (refusing) instruction that it calls refuse/partial, so DPO and the reward model also learn the
-               half of the calibration table where refusing is the error.
+               half of the calibration table where refusing is the error. `--contrastive-kinds harmful` leaves the
+               benign prompts to reversed (there a contrastive pair, helpful instruction over refusing one,
+               nearly duplicates the reversed pair at twice the sampling).
 For contrastive and reversed, each sampled side also sees up to --fewshot demonstration exchanges before the
 prompt (from --fewshot-file, principles routed to the prompt's kind): revisions on the preferred side, initial
 responses on the other, each checked by the same classifier (a revision must get the expected class, an initial
@@ -87,6 +89,8 @@ SOURCES = ("ai", "revision", "contrastive", "reversed")
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--sources", default="ai", help=f"comma list of pair sources: {', '.join(SOURCES)}")
+parser.add_argument("--contrastive-kinds", default="harmful,benign",
+                    help="prompt kinds the contrastive source labels (harmful: benign prompts left to reversed)")
 parser.add_argument("--model", default="default", help="policy checkpoint that samples the responses")
 parser.add_argument("--feedback-model", default=None, help="checkpoint that judges the ai source (default: the policy)")
 parser.add_argument("--prompts", nargs="+", default=["data/red_team_prompts.jsonl", "data/helpful_prompts.jsonl"],
@@ -468,6 +472,9 @@ def check_args(args) -> list:
         args.dtype = generation_dtype(args.device)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1 or min(args.fewshot, args.cut_sentences) < 0:
         raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1, --fewshot and --cut-sentences >= 0")
+    kinds = args.contrastive_kinds.split(",")
+    if not kinds or any(k not in ("harmful", "benign") for k in kinds):
+        raise ValueError(f"--contrastive-kinds {args.contrastive_kinds!r}: expected harmful, benign or both")
     if ("revision" in sources) != bool(args.revisions):
         raise ValueError("--revisions FILE goes with the revision source (--sources ...,revision) and only with it")
     check_output_path(args.out, "file")
@@ -491,6 +498,15 @@ def prompt_plan(args, sampled):
     return constitution, rows, {k: contrast_pool(constitution, k) for k in sorted(needed)}, demos
 
 
+def source_rows(source, rows, args) -> list:
+    """The prompts a sampled source labels: reversed the benign ones; contrastive those of --contrastive-kinds."""
+    if source == "reversed":
+        return [r for r in rows if r["kind"] == "benign"]
+    if source == "contrastive":
+        return [r for r in rows if r["kind"] in args.contrastive_kinds.split(",")]
+    return rows
+
+
 def main(argv=None, classifier=None):
     """classifier: an object with classify_many(rows) used instead of --classifier's (tests pass a stub)."""
     args = parser.parse_args(argv)
@@ -511,7 +527,7 @@ def main(argv=None, classifier=None):
         if "classifier" in ctx:
             ctx["shots"] = demonstration_shots(demos, ctx["classifier"], args.fewshot)
         for source in sampled:
-            todo = [r for r in rows if r["kind"] == "benign"] if source == "reversed" else rows
+            todo = source_rows(source, rows, args)
             fn = ((lambda c: ai_chunk(c, policy, tok, ctx, args)) if source == "ai" else
                   (lambda c, s=source: gated_chunk(s, c, policy, tok, ctx, args)))
             written += run_source(source, todo, fn, paths, done, args)

@@ -56,18 +56,21 @@ class PipelineConfig:
     cr_gate: str = "head"               # gate on every candidate: head (validated classifier), rules, off
     cr_best_of: int = 4                 # candidates per prompt; the first that passes the gate is kept
     cr_cut_sentences: int = 2           # candidates cut to their first N sentences before the gate (0 = uncut)
+    cr_distill_principles: int = 3      # distill: routed principles listed per prompt, drawn per row (0 = all)
     cr_rounds: int = 1                  # critique -> revision rounds per prompt (critique and direct modes)
     cr_fewshot: int = 1                 # few-shot demonstrations before each critique / revision / distill sample
     cr_max_new_tokens: int = 64         # cap on each response / critique / revision
     helpful_mix: int = 8                # helpful prompts answered by the base model and mixed into SFT
-    lookalike_mix: int = 16             # look-alikes (the file's last rows) answered by the base model, mixed into SFT
+    lookalike_mix: int = 8              # look-alikes (the file's last rows) answered by the base model, mixed into SFT
     sft_steps: int = 24                 # SFT optimizer steps
     sft_batch_size: int = 4             # SFT examples per step
     sft_lr: float = 3e-5                # SFT peak learning rate
     label_prompts: int = 32             # pair prompts (half red-team, a quarter helpful, a quarter look-alikes; 0 = all)
     pref_sources: str = "revision,contrastive,reversed"  # pairs for the RM and DPO: comma list of ai, revision, contrastive, reversed
     pref_best_of: int = 4               # contrastive / reversed: samples per side to find a pair the classifier passes
+    pref_contrastive_kinds: str = "harmful"  # prompt kinds of contrastive pairs (with reversed, benign ones are its)
     label_max_new_tokens: int = 48      # length of each of the two sampled responses
+    rl_methods: str = "ppo"             # RL-CAI methods run on the pairs: comma list of ppo (reward model + PPO), dpo
     rm_steps: int = 12                  # reward-model optimizer steps
     rm_lr: float = 2e-5                 # reward-model peak learning rate
     ppo_steps: int = 6                  # PPO steps (one rollout batch + update each)
@@ -100,25 +103,26 @@ PRESETS = {
     "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16, lookalike_mix=48,
                      sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
                      ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
-                     eval_max_new_tokens=64, eval_judge="base"),
+                     eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo"),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
-                sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64,
+                sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64, cr_distill_principles=0,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
-                redteam_new_prompts=32, backend="triton", eval_judge="base"),
+                redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo"),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
                  pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2, lookalike_mix=2,
                  sft_steps=2, sft_batch_size=2, label_prompts=4, label_max_new_tokens=8, rm_steps=2, ppo_steps=2,
                  ppo_batch_size=2, ppo_max_new_tokens=8, eval_limit=2, eval_max_new_tokens=8, eval_jailbreak_n=1,
-                 eval_benchmarks="", eval_classifier="rules", redteam_new_prompts=2),
+                 eval_benchmarks="", eval_classifier="rules", redteam_new_prompts=2, rl_methods="ppo,dpo"),
 }
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "backend": ("torch", "triton"), "cr_mode": ("critique", "direct", "distill"),
            "cr_gate": ("head", "rules", "off"), "eval_classifier": ("head", "rules"),
+           "pref_contrastive_kinds": ("harmful", "benign", "harmful,benign"),
            "eval_judge": ("base", "none")}
 PAIR_SOURCES = ("ai", "revision", "contrastive", "reversed")
 
@@ -164,6 +168,9 @@ def validate(cfg: PipelineConfig) -> None:
     for name in ("red_team_prompts", "helpful_prompts", "lookalike_prompts"):
         if not os.path.exists(getattr(cfg, name)):
             raise ValueError(f"config {name}: {getattr(cfg, name)} does not exist")
+    methods = cfg.rl_methods.split(",")
+    if not methods or len(set(methods)) != len(methods) or any(m not in ("ppo", "dpo") for m in methods):
+        raise ValueError(f"config rl_methods={cfg.rl_methods!r}: expected a comma list of ppo, dpo")
     sources = cfg.pref_sources.split(",")
     if len(set(sources)) != len(sources) or any(s not in PAIR_SOURCES for s in sources):
         raise ValueError(f"config pref_sources={cfg.pref_sources!r}: expected a comma list of distinct names from "
@@ -252,14 +259,23 @@ def sl_cai_prompts(cfg, out) -> str:
 
 def label_prompts(cfg, out) -> str:
     """Pair prompts: half red-team, an eighth helpful, the rest look-alikes (the prompts where refusing is the
-    error the evaluation counts); the look-alikes used here are the ones after those SL-CAI saw."""
+    error the evaluation counts); the benign ones are those no earlier stage saw (stage 01 takes helpful prompts
+    after stage 02's and look-alikes from the front, stage 02 look-alikes from the back)."""
     n = cfg.label_prompts
     half, eighth = (max(1, n // 2), max(1, n // 8)) if n else (None, None)  # 0: every prompt of each file
     rows = tagged_rows(cfg.red_team_prompts, half, "harmful")
-    rows += tagged_rows(cfg.helpful_prompts, eighth, "benign")
-    rows += tagged_rows(cfg.lookalike_prompts, max(1, n - half - eighth) if n else None, "benign",
-                        skip=cfg.cr_benign - cfg.cr_benign // 2)
+    rows += tagged_rows(cfg.helpful_prompts, eighth, "benign", skip=cfg.helpful_mix + cfg.cr_benign // 2)
+    skip = cfg.cr_benign - cfg.cr_benign // 2
+    free = max(0, len(read_jsonl(cfg.lookalike_prompts)) - skip - cfg.lookalike_mix)
+    rows += tagged_rows(cfg.lookalike_prompts, min(free, max(1, n - half - eighth)) if n else free, "benign", skip=skip)
     return write_rows(rows, out)
+
+
+def sft_mix_rows(cfg) -> list:
+    """Stage 02's prompts: the first helpful_mix helpful prompts (stage 01 takes those after them) and the last
+    lookalike_mix look-alikes in round-robin order (stages 01 and 04 take theirs from the front)."""
+    rows = read_jsonl(cfg.helpful_prompts)[:cfg.helpful_mix]
+    return rows + (interleaved(read_jsonl(cfg.lookalike_prompts))[-cfg.lookalike_mix:] if cfg.lookalike_mix else [])
 
 
 def stage_critique_revise(st, d, model, prompts_file):
@@ -270,6 +286,7 @@ def stage_critique_revise(st, d, model, prompts_file):
     critique_revise.main(st.common("--model", model, "--prompts", prompts_file, "--out", out, "--mode", c.cr_mode,
                                    "--gate", c.cr_gate, "--best-of", str(c.cr_best_of),
                                    "--cut-sentences", str(c.cr_cut_sentences),
+                                   "--distill-principles", str(c.cr_distill_principles),
                                    "--rounds", str(c.cr_rounds), "--n-fewshot", str(c.cr_fewshot),
                                    "--max-new-tokens", str(c.cr_max_new_tokens),
                                    "--batch-size", str(max(1, c.batch_size // c.cr_best_of)),
@@ -283,9 +300,7 @@ def stage_helpful(st, d):
     from minicai.cli import main as minicai_cli
 
     c = st.cfg
-    rows = read_jsonl(c.helpful_prompts)[:c.helpful_mix]
-    rows += interleaved(read_jsonl(c.lookalike_prompts))[-c.lookalike_mix:] if c.lookalike_mix else []
-    src = write_rows(rows, os.path.join(d, "prompts.jsonl"))
+    src = write_rows(sft_mix_rows(c), os.path.join(d, "prompts.jsonl"))
     out = os.path.join(d, "responses.jsonl")
     rc = minicai_cli(["generate", "--model", c.model, "--prompts", src, "--out", out, "--batch-size", str(c.batch_size),
                       "--max-new-tokens", str(c.cr_max_new_tokens), "--seed", str(c.seed), "--device", st.device,
@@ -314,6 +329,7 @@ def stage_label(st, d, policy, revisions):
     out = os.path.join(d, "prefs.jsonl")
     label_preferences.main(st.common("--model", policy, "--prompts", prompts, "--out", out, "--sources", c.pref_sources,
                                      "--best-of", str(c.pref_best_of), "--classifier", c.eval_classifier,
+                                     "--contrastive-kinds", c.pref_contrastive_kinds,
                                      "--max-new-tokens", str(c.label_max_new_tokens),
                                      "--batch-size", str(max(1, c.batch_size // c.pref_best_of)),
                                      *(["--revisions", revisions] if "revision" in c.pref_sources.split(",") else []),
@@ -430,12 +446,14 @@ def data_lines(cfg, outputs: dict) -> list:
             rep = json.load(f)
         if "by_mode" in rep:  # SL-CAI data
             lines += [f"**{name}**: mode `{cfg.cr_mode}`, gate `{cfg.cr_gate}`, best-of {cfg.cr_best_of}, cut to "
-                      f"{cfg.cr_cut_sentences or 'all'} sentences. Dropped by reason: {rep['dropped_by_reason'] or 'none'}.",
+                      f"{cfg.cr_cut_sentences or 'all'} sentences, {cfg.cr_distill_principles or 'all'} routed principles per "
+                      f"distill prompt. Dropped by reason: {rep['dropped_by_reason'] or 'none'}.",
                       "", "| mode | kind | kept | dropped | kept fraction |", "|---|---|---|---|---|"]
             lines += [f"| {m} | {k} | {v['kept']} | {v['dropped']} | {v['kept_fraction']:.2f} |"
                       for m, kinds in rep["by_mode"].items() for k, v in kinds.items()]
         else:  # preference pairs
-            lines += [f"**{name}**: sources `{cfg.pref_sources}`, classifier `{cfg.eval_classifier}`.", "",
+            lines += [f"**{name}**: sources `{cfg.pref_sources}` (contrastive on {cfg.pref_contrastive_kinds} "
+                      f"prompts), classifier `{cfg.eval_classifier}`.", "",
                       "| source | pairs | dropped (by reason) | agreement with hand-labelled pairs |", "|---|---|---|---|"]
             for src, v in rep["sources"].items():
                 lines.append(f"| {src} | {v['pairs']} | {v['dropped'] or 'none'} | {agreement_cell(v)} |")
@@ -514,9 +532,12 @@ def main(argv=None):
     revisions = (out["01_critique_revise"] or {}).get("revisions")
     out["04_labels"] = st.run("04_labels", lambda d: stage_label(st, d, sft_model, revisions))
     prefs = (out.get("04_labels") or {}).get("prefs")
-    out["05_reward_model"] = st.run("05_reward_model", lambda d: stage_reward_model(st, d, sft_model, prefs))
-    out["06_ppo"] = st.run("06_ppo", lambda d: stage_ppo(st, d, sft_model, out["05_reward_model"]["model"]))
-    out["08_dpo"] = st.run("08_dpo", lambda d: stage_dpo(st, d, sft_model, prefs))
+    methods = cfg.rl_methods.split(",")
+    if "ppo" in methods:
+        out["05_reward_model"] = st.run("05_reward_model", lambda d: stage_reward_model(st, d, sft_model, prefs))
+        out["06_ppo"] = st.run("06_ppo", lambda d: stage_ppo(st, d, sft_model, out["05_reward_model"]["model"]))
+    if "dpo" in methods:
+        out["08_dpo"] = st.run("08_dpo", lambda d: stage_dpo(st, d, sft_model, prefs))
     models = {"base": cfg.model, "SL-CAI": sft_model,
               "RL-CAI (PPO)": (out.get("06_ppo") or {}).get("model"), "RL-CAI (DPO)": (out.get("08_dpo") or {}).get("model")}
     out["09_eval"] = st.run("09_eval", lambda d: stage_eval(st, d, {k: v for k, v in models.items() if v}))

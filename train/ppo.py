@@ -45,7 +45,7 @@ from minicai.losses import (AdaptiveKLController, explained_variance, gae_advant
 from minicai.prompts import read_prompts
 from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer
-from minicai.training import load_state, lr_at, make_optimizer, plot_losses, truncate_log
+from minicai.training import load_resume_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="default", help="initial policy and reference (the SL-CAI / SFT checkpoint)")
@@ -334,14 +334,14 @@ def main(argv=None, reward_fn=None):
     guard = training.DivergenceGuard(state_dir, None, 0)
 
     value_head = ValueHead(policy.config.hidden_size).to(args.device)
-    trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})  # one module for save/load_state
+    trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})  # one module for save/load_resume_state
     opt = make_optimizer(policy, args.lr, weight_decay=args.weight_decay)
     opt.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0, "lr_mult": args.vf_lr_mult})
     kl_ctl = AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
 
     start = 0
     if resuming:
-        meta = load_state(state_dir, trainable, opt)
+        meta = load_resume_state(state_dir, trainable, opt)
         start, kl_ctl.value = meta["step"], meta["extra"]["kl_coef"]
         for path in (log_path, samples_path):  # drop rows of steps after the saved state
             truncate_log(path, start)

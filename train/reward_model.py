@@ -355,7 +355,7 @@ def main(argv=None):
     warmup = int(args.warmup_ratio * total)
     step, position = 0, {"epoch": 0, "batch": 0}
     if resuming:
-        meta = training.load_state(state_dir, rm, optimizer)
+        meta = training.load_resume_state(state_dir, rm, optimizer)
         step, position, extra = meta["step"], meta["data_position"], meta["extra"]
         guard.restore(meta)
         if extra.get("n_train") != len(train) or extra.get("n_eval") != len(held):

@@ -200,7 +200,7 @@ def main(argv=None):
     step, position = 0, {"epoch": 0, "batch": 0}
     extra = {"n_examples": len(examples), "total_steps": total}
     if resuming:
-        meta = training.load_state(state_dir, model, optimizer)
+        meta = training.load_resume_state(state_dir, model, optimizer)
         step, position = meta["step"], meta["data_position"]
         guard.restore(meta)
         if meta["extra"].get("n_examples") != len(examples):
