@@ -2,13 +2,15 @@
 
 Public API (imported lazily so `import minicai` stays cheap and works without triton):
     load_model, load_tokenizer, load_pretrained, save_pretrained, generate
+load_* take a checkpoint directory or "default" (minicai.pretrained); save_pretrained writes a directory
+(minicai.checkpoint).
 """
 import importlib
 
 _API = {
-    "load_model": "minicai.checkpoint",
-    "load_tokenizer": "minicai.tokenizer",
-    "load_pretrained": "minicai.checkpoint",
+    "load_model": "minicai.pretrained",
+    "load_tokenizer": "minicai.pretrained",
+    "load_pretrained": "minicai.pretrained",
     "save_pretrained": "minicai.checkpoint",
     "generate": "minicai.sampling",
 }

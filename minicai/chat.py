@@ -38,7 +38,8 @@ def add_args(p, name):
 def load(args):
     import torch
 
-    from minicai.checkpoint import load_pretrained, resolve_device
+    from minicai.checkpoint import resolve_device
+    from minicai.pretrained import load_pretrained
 
     return load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=resolve_device(args.device),
                            verify=not args.no_verify)

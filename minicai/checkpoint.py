@@ -10,6 +10,9 @@ gets a sidecar checksums.sha256 (`sha256sum` format) over its *.safetensors file
 weight file against it and names the file on a mismatch (a flipped byte that keeps the file's size and
 header otherwise loads and silently produces garbage). Directories without the sidecar (older checkpoints,
 other tools' exports) load unverified; verify=False or MINICAI_NO_VERIFY=1 skips the check.
+
+Layer: above minicai.model and minicai.tokenizer, below minicai.gguf_import and minicai.pretrained. Paths here are
+directories; "default" (converted once from the GGUF file) is resolved by minicai.pretrained.
 """
 import hashlib
 import json
@@ -168,7 +171,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
-# -- the default model -----------------------------------------------------------------------------------
+# -- where the default model lives (its conversion is minicai.pretrained's) ---------------------------------
 
 def cache_dir() -> str:
     return os.environ.get("MINICAI_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minicai"))
@@ -192,19 +195,13 @@ def default_gguf_path() -> str:
     return path
 
 
-def resolve_path(path) -> str:
-    """A checkpoint directory; "default" means SmolLM2-135M-Instruct, converted once from its GGUF file."""
-    if str(path) != "default":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
-        return str(path)
-    out = default_model_dir()
-    if not os.path.exists(os.path.join(out, "config.json")):
-        from minicai.gguf_import import convert_gguf
-
-        print(f"minicai: converting the default model into {out} (once)")
-        convert_gguf(default_gguf_path(), out)
-    return out
+def checkpoint_dir(path) -> str:
+    """`path` as a str if it is a directory, else FileNotFoundError. "default" is resolved one layer up, by
+    minicai.pretrained.resolve_path (it needs the GGUF conversion)."""
+    if not os.path.isdir(path):
+        hint = " (minicai.pretrained.resolve_path resolves \"default\")" if str(path) == "default" else ""
+        raise FileNotFoundError(f"{path}: no such checkpoint directory{hint}")
+    return str(path)
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -374,9 +371,9 @@ def load_state(model: Transformer, files, dtype, device, extra_keys=(), verify=T
     return state
 
 
-def load_model(path, dtype=torch.float32, device="cpu", verify=True) -> Transformer:
-    """A Transformer from an HF-format directory ("default" for the default model)."""
-    path = resolve_path(path)
+def load_checkpoint(path, dtype=torch.float32, device="cpu", verify=True) -> Transformer:
+    """A Transformer from an HF-format directory (minicai.pretrained.load_model also takes "default")."""
+    path = checkpoint_dir(path)
     cfg = read_config(path)
     dtype = _dtype(dtype)
     device = resolve_device(None if device is None else str(device))
@@ -385,13 +382,6 @@ def load_model(path, dtype=torch.float32, device="cpu", verify=True) -> Transfor
     state = load_state(model, weight_files(path), dtype, device, verify=verify)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
-
-
-def load_pretrained(path, dtype=torch.float32, device="cpu", verify=True):
-    from minicai.tokenizer import load_tokenizer
-
-    path = resolve_path(path)
-    return load_model(path, dtype, device, verify), load_tokenizer(path)
 
 
 # -- saving -----------------------------------------------------------------------------------------------

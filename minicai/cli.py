@@ -5,7 +5,7 @@ import sys
 
 # name -> (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
-    "setup": ("minicai.gguf_import", "convert the default model (SmolLM2-135M-Instruct GGUF) into the cache, once"),
+    "setup": ("minicai.pretrained", "convert the default model (SmolLM2-135M-Instruct GGUF) into the cache, once"),
     "convert-gguf": ("minicai.gguf_import", "convert a GGUF file into a Hugging Face-format directory"),
     "chat": ("minicai.chat", "chat with a model in the terminal (streaming)"),
     "generate": ("minicai.chat", "sample responses for a JSONL file of prompts (resumable)"),

@@ -186,7 +186,7 @@ def _key(obj) -> str:
 
 def model_identity(path) -> str:
     """The resolved checkpoint directory plus the size and mtime of its weight and config files."""
-    from minicai.checkpoint import resolve_path
+    from minicai.pretrained import resolve_path
 
     path = os.path.abspath(resolve_path(path))
     stamp = [(f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
@@ -231,7 +231,7 @@ def generate_cached(model, tokenizer, identity, conversations, cache_file, *, ma
 
 
 def _load(path, cfg):
-    from minicai.checkpoint import load_pretrained
+    from minicai.pretrained import load_pretrained
 
     return load_pretrained(path, dtype=cfg.dtype, device=cfg.device)
 

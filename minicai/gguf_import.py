@@ -3,6 +3,8 @@
 Dequantisation (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, ...) is the gguf package's. llama.cpp's converter
 permutes the rows of attn_q / attn_k so that RoPE rotates adjacent pairs; HF checkpoints rotate halves, so we
 apply the inverse permutation. Llama-architecture files (Llama, SmolLM2, Mistral) and Qwen2 are supported.
+
+Layer: above minicai.checkpoint and minicai.tokenizer, below minicai.pretrained (which converts "default" with it).
 """
 import json
 import os
@@ -174,19 +176,13 @@ def convert_gguf(gguf_path, out_dir, dtype=torch.float32) -> None:
 
 
 def add_args(p, name):
-    if name == "convert-gguf":
-        p.add_argument("gguf", help="input .gguf file")
-        p.add_argument("out_dir", help="output directory (HF format)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype to write")
+    """`minicai convert-gguf` (`minicai setup` is minicai.pretrained's)."""
+    p.add_argument("gguf", help="input .gguf file")
+    p.add_argument("out_dir", help="output directory (HF format)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype to write")
 
 
 def run(args):
-    from minicai.checkpoint import default_model_dir, resolve_path
-
-    if args.command == "setup":
-        print(f"default model ready at {resolve_path('default')}")
-        print(f"(set MINICAI_CACHE to move it; now {os.path.dirname(default_model_dir())})")
-        return 0
     convert_gguf(args.gguf, args.out_dir, dtype=getattr(torch, args.dtype))
     print(f"wrote {args.out_dir}")
     return 0

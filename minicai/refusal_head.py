@@ -14,7 +14,7 @@ Features of one (request, response):
           on ~330 rows: 0.88/0.79 at block 12, 0.90/0.80 at 16, 0.90/0.82 at 20, binary / four-class). On 548
           dev rows blocks 8+12+16 pooled together (0.900/0.834) and overlap / repetition-n-gram features
           (0.905/0.830) did not beat block 16 alone (0.909/0.830), so neither is used.
-Fit (`python -m minicai.refusal fit`) on split "dev" only: features standardised on dev, the hidden block then
+Fit (`python -m minicai.refusal_head fit`) on split "dev" only: features standardised on dev, the hidden block then
 scaled by `hidden_scale` (its own L2 strength: 0 = rules only); (l2, hidden_scale) chosen by K-fold
 cross-validation with folds grouped by request (a hash, so deterministic); L-BFGS in float64 from zeros.
 Saved as safetensors with the normalisation, the class order and the settings in its metadata (never pickle).
@@ -246,7 +246,7 @@ def load_head(path) -> dict:
     for key, ours in (("classes", CLASSES), ("rule_features", RULE_FEATURES)):
         if tuple(head[key]) != ours:
             raise ValueError(f"{path}: {key} {head[key]} differ from this code's {list(ours)}; refit with "
-                             "`python -m minicai.refusal fit`")
+                             "`python -m minicai.refusal_head fit`")
     D = len(RULE_FEATURES) + (head["hidden_size"] + 1) * len(head["layers"])
     shapes = dict(weight=(len(CLASSES), D), bias=(len(CLASSES),), mean=(D,), std=(D,), scale=(D,))
     for k, shape in shapes.items():
@@ -300,7 +300,8 @@ class ResponseClassifier:
 
 
 def _load_model(device, dtype, layers):
-    from minicai.checkpoint import generation_dtype, load_pretrained
+    from minicai.checkpoint import generation_dtype
+    from minicai.pretrained import load_pretrained
 
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     model, tok = load_pretrained("default", dtype=dtype or generation_dtype(device), device=device)
@@ -313,7 +314,7 @@ def load_classifier(device="cpu", dtype=None, path=HEAD_PATH) -> ResponseClassif
     the device has native bf16, else float32). A missing head file falls back to the rules, with a warning."""
     if not os.path.exists(path):
         warnings.warn(f"{path} is missing: response classifier is rules only (minicai.refusal.classify); "
-                      "write it with `python -m minicai.refusal fit`")
+                      "write it with `python -m minicai.refusal_head fit`")
         return ResponseClassifier()
     head = load_head(path)
     model, tok = _load_model(device, dtype, head["layers"])
@@ -343,3 +344,21 @@ def fit(path=LABELLED, out=HEAD_PATH, folds: int = 5, classifier=None, grid=(L2_
                 cv_rules_only=[round(rules_only[3], 4), round(rules_only[4], 4)])
     save_head(out, W, b, mean, std, s, meta)
     return meta
+
+
+def main(argv=None) -> None:
+    """`python -m minicai.refusal_head fit [--file F] [--out H] [--folds K]`: refit the head on the dev half."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m minicai.refusal_head", description=main.__doc__)
+    ap.add_argument("command", choices=["fit"])
+    ap.add_argument("--file", default=LABELLED, help="hand-labelled responses (only split dev is read)")
+    ap.add_argument("--out", default=HEAD_PATH, help="head file to write (safetensors, atomic)")
+    ap.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by request")
+    args = ap.parse_args(argv)
+    meta = fit(args.file, args.out, args.folds)
+    print(f"wrote {args.out}: {meta}")
+
+
+if __name__ == "__main__":
+    main()

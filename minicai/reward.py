@@ -31,9 +31,9 @@ import os
 import torch
 import torch.nn as nn
 
-from minicai.checkpoint import (_dtype, atomic_dir, config_to_hf, hf_state_dict, load_state, read_config, resolve_path,
-                                weight_files)
+from minicai.checkpoint import _dtype, atomic_dir, config_to_hf, hf_state_dict, load_state, read_config, weight_files
 from minicai.model import Transformer
+from minicai.pretrained import resolve_path
 
 SEQ_CLS_ARCH = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
                 "qwen2": "Qwen2ForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
@@ -147,7 +147,7 @@ class VerdictReward:
     """PPO reward r(x, y) = score(x, y) + weight * [classifier's class of y is the one x's kind expects].
 
     score: any reward_fn(input_ids, attention_mask) -> [B] (a RewardModel). classifier: has
-    classify_many(rows of request/response/kind) (minicai.refusal.load_classifier, or ResponseClassifier() for the
+    classify_many(rows of request/response/kind) (minicai.refusal_head.load_classifier, or ResponseClassifier() for the
     rules alone). prompts: (prompt token ids, request text, kind) of every prompt the policy is given: each row of a
     batch is split into prompt and response by the longest known prompt it starts with (the batch carries ids
     only), and the response is decoded without its EOS. Callable as minicai.rl.score_sequences' reward_fn."""

@@ -13,6 +13,8 @@ characters) and may merge its neighbours, we drop it after BPE, so "!\x04!" give
 
 Security: text from users or models never becomes a special token. `encode` treats "<|im_end|>" as plain
 text; `apply_chat_template` lets only the template's own text produce special tokens.
+
+Layer: below minicai.checkpoint (imports nothing of it); reads a directory, "default" is minicai.pretrained's.
 """
 import json
 import os
@@ -296,10 +298,11 @@ def _compile_template(source: str):
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Tokenizer of a checkpoint directory (tokenizer.json, tokenizer_config.json, optional chat_template.jinja)."""
-    from minicai.checkpoint import resolve_path
-
-    path = resolve_path(path)
+    """Tokenizer of a checkpoint directory (tokenizer.json, tokenizer_config.json, optional chat_template.jinja).
+    A directory only: minicai.load_tokenizer / minicai.pretrained.load_tokenizer also take "default"."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    path = str(path)
     tj_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj_path):
         raise FileNotFoundError(f"{tj_path}: missing (minicai reads byte-level BPE tokenizers from tokenizer.json)")

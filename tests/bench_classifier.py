@@ -1,5 +1,5 @@
 """Speed of the response classifier on the hand-labelled file: responses per second for the rules
-(minicai.refusal.classify) and for the full classifier (minicai.refusal.load_classifier().classify_many).
+(minicai.refusal.classify) and for the full classifier (minicai.refusal_head.load_classifier().classify_many).
 
 Not a test (timing depends on the machine). Target of issue #13: at least 20 responses/s on a 2-core CPU.
 --dev / --test add agreement on that half (the test half is the project's one honest measurement: score it
@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from minicai.refusal import agreement, classify, load_classifier, load_labelled, prompt_text
+from minicai.refusal import agreement, classify, load_labelled, prompt_text
+from minicai.refusal_head import load_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -34,7 +34,7 @@ import time
 import torch
 
 import minicai
-from minicai.checkpoint import resolve_path
+from minicai.pretrained import resolve_path
 from minicai.io import read_jsonl
 
 

@@ -58,7 +58,6 @@ parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed p
 parser.add_argument("--json", default=None, help="also write every side's result to this JSON file")
 parser.add_argument("--child", nargs=2, default=None, metavar=("SIDE", "DTYPE"), help=argparse.SUPPRESS)  # internal
 
-import contextlib
 import importlib.util
 import itertools
 import json
@@ -173,7 +172,7 @@ def timed_steps(run_step, n_steps, device) -> dict:
 def run_minicai_dpo(ctx):
     import torch
     from minicai import training
-    from minicai.checkpoint import load_model
+    from minicai.pretrained import load_model
     from train import dpo
 
     args, device, pairs, pad = ctx["args"], ctx["device"], ctx["pairs"], ctx["pad_id"]
@@ -202,7 +201,7 @@ def run_minicai_sft(ctx):
 
     import torch
     from minicai import training
-    from minicai.checkpoint import load_model
+    from minicai.pretrained import load_model
     from train import sft
 
     args, device, pairs = ctx["args"], ctx["device"], ctx["pairs"]
@@ -342,7 +341,7 @@ def check_trl_tokens(dataset, pairs, task):
 
 def run_child(args):
     import torch
-    from minicai.checkpoint import resolve_path
+    from minicai.pretrained import resolve_path
     from minicai.tokenizer import load_tokenizer
 
     side, dtype = args.child

@@ -16,7 +16,8 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 import minicai
-from minicai.checkpoint import default_gguf_path, resolve_path
+from minicai.checkpoint import default_gguf_path
+from minicai.pretrained import resolve_path
 
 from test_tokenizer import CORPUS, plain_text_oracle
 

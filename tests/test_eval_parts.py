@@ -1,7 +1,6 @@
 """Model-independent evaluation parts: data sets, jailbreak wrappers, refusal rules, calibration metrics."""
 import base64
 import glob
-import json
 import os
 
 import pytest

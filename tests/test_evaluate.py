@@ -8,11 +8,12 @@ import torch
 
 import minicai.sampling
 from minicai import evaluate as ev
-from minicai.checkpoint import resolve_path, save_pretrained
+from minicai.checkpoint import save_pretrained
 from minicai.cli import main as cli_main
 from minicai.jailbreaks import TECHNIQUES, wrap
 from minicai.judge import ANSWER_PREFIX, choice_logprobs, compare_pairs
 from minicai.model import ModelConfig, Transformer
+from minicai.pretrained import resolve_path
 from minicai.tokenizer import load_tokenizer
 
 H = 8

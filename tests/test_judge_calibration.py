@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minicai.judge as judge
-from minicai.checkpoint import load_pretrained
+from minicai.pretrained import load_pretrained
 from minicai.judge import compare_calibrated, judge_report, load_labelled_pairs, reference_loglik
 
 Z = 1.959964

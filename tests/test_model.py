@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import minicai
 import minicai.checkpoint as ckpt
+import minicai.pretrained as pretrained
 
 V, T = 96, 24  # T > 16 = the llama3 config's original context: positions past it exercise the scaling
 
@@ -172,7 +173,7 @@ def test_load_builds_on_meta_and_assigns(checkpoints, monkeypatch):
         return loaded
 
     monkeypatch.setattr(ckpt, "load_state", spy_state)
-    model = ckpt.load_model(checkpoints["llama2"][1])
+    model = pretrained.load_model(checkpoints["llama2"][1])  # reads the directory through ckpt.load_checkpoint
     assert built_on == ["meta"]
     assert model.embed.weight.data_ptr() == loaded["embed.weight"].data_ptr()
     assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())

@@ -163,11 +163,11 @@ def test_bar_on_labelled_test_half():
     stays open; this test holds the measured level as a floor (no regression) and reports the bar as an expected
     failure until a classifier reaches it."""
     from minicai.checkpoint import default_gguf_path
-    from minicai.refusal import load_classifier
+    from minicai.refusal_head import load_classifier
     from minicai.refusal_head import HEAD_PATH
 
     if not os.path.exists(HEAD_PATH):
-        pytest.skip(f"{HEAD_PATH} not written yet (python -m minicai.refusal fit)")
+        pytest.skip(f"{HEAD_PATH} not written yet (python -m minicai.refusal_head fit)")
     try:
         default_gguf_path()
     except FileNotFoundError as e:

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import minicai.training
-from minicai.checkpoint import load_model, resolve_path, save_pretrained
+from minicai.checkpoint import save_pretrained
 from minicai.constitution import load_constitution
 from minicai.judge import compare_pairs
 from minicai.model import ModelConfig, Transformer
+from minicai.pretrained import load_model, resolve_path
 from minicai.reward import last_real_index, load_reward_model, save_reward_model
 from minicai.tokenizer import load_tokenizer
 from train import label_preferences, reward_model

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from minicai import cli, training
-from minicai.checkpoint import load_model, resolve_device, save_pretrained
+from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.io import check_output_path, read_jsonl_lines, read_jsonl_tolerant
+from minicai.pretrained import load_model
 
 import train.dpo as dpo
 import train.reward_model as reward_model

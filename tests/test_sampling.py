@@ -388,7 +388,7 @@ def test_bad_input_raises(kw):
 
 @pytest.fixture(scope="module")
 def default_model():
-    from minicai.checkpoint import load_pretrained, resolve_path
+    from minicai.pretrained import load_pretrained, resolve_path
 
     try:
         path = resolve_path("default")

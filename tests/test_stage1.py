@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from minicai.checkpoint import load_model, load_pretrained
 from minicai.constitution import load_constitution
 from minicai.lora import LoRALinear, apply_lora, lora_disabled, merge_lora
+from minicai.pretrained import load_model, load_pretrained
 from minicai.sft_data import IGNORE, build_examples, collate, encode_example, read_sft_rows
 from minicai.tokenizer import load_tokenizer
 from minicai import training

@@ -64,14 +64,16 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import default_model_dir, generation_dtype, load_pretrained, resolve_device, resolve_path
+from minicai.checkpoint import default_model_dir, generation_dtype, resolve_device
 from minicai.constitution import (CONVERSATION_INTRO, DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, _revision_request,
                                   critique_messages, load_constitution, load_fewshot, render_conversation,
                                   revision_messages, strip_label)
 from minicai.gates import class_reason, cut_sentences, first_passing, text_reason
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
+from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts
-from minicai.refusal import load_classifier, prompt_text
+from minicai.refusal import prompt_text
+from minicai.refusal_head import load_classifier
 from minicai.refusal_head import ResponseClassifier
 from minicai.sampling import generate
 

@@ -55,11 +55,12 @@ import torch
 from safetensors.torch import load_file, save
 
 from minicai import training
-from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
+from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.constitution import as_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_lines
 from minicai.losses import dpo_loss
+from minicai.pretrained import load_model, resolve_path
 from minicai.rl import completion_logprobs, completion_text, peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, collate, encode_example
 from minicai.tokenizer import load_tokenizer

@@ -73,13 +73,14 @@ import torch
 from tqdm import tqdm
 
 from minicai import gates
-from minicai.checkpoint import generation_dtype, load_pretrained, resolve_device, resolve_path
+from minicai.checkpoint import generation_dtype, resolve_device
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, KINDS, Constitution, load_constitution,
                                   load_fewshot, row_messages)
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_lines, read_jsonl_tolerant
 from minicai.judge import choice_logprobs, compare_calibrated, judge_report, load_labelled_pairs, pairwise_question
 from minicai.metrics import rate
+from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts, row_kind
 from minicai.reward import expected_verdict, opposite_verdict
 from minicai.sampling import generate
@@ -455,7 +456,7 @@ def load_models(args, sampled, classifier):
         else:
             ctx["judge"], ctx["judge_tok"] = policy, tok
     if {"contrastive", "reversed"} & set(sampled):
-        from minicai.refusal import load_classifier
+        from minicai.refusal_head import load_classifier
         from minicai.refusal_head import ResponseClassifier
 
         ctx["classifier"] = classifier or (load_classifier(args.device) if args.classifier == "head"

@@ -79,7 +79,7 @@ class PipelineConfig:
     ppo_lr: float = 3e-6                # PPO policy learning rate
     ppo_kl_coef: float = 0.05           # KL penalty beta (initial value if ppo_kl_target is set)
     ppo_kl_target: float = 0.0          # adaptive KL target in nats; 0 = fixed beta
-    ppo_classifier_reward: float = 1.0  # PPO reward += this x (classifier verdict is the one the prompt's kind expects)
+    ppo_classifier_reward: float = 2.0  # PPO reward += this x (classifier verdict is the one the prompt's kind expects)
     dpo_epochs: int = 2                 # passes over the DPO pairs
     dpo_lr: float = 5e-6                # DPO learning rate
     dpo_beta: float = 0.1               # DPO beta

@@ -38,10 +38,11 @@ import torch.nn as nn
 
 from minicai import generate
 from minicai import training
-from minicai.checkpoint import load_model, resolve_device, resolve_path, save_pretrained
+from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.io import append_jsonl, read_jsonl
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from minicai.pretrained import load_model, resolve_path
 from minicai.prompts import read_prompts
 from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer

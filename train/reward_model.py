@@ -52,11 +52,12 @@ import torch
 from tqdm import tqdm
 
 from minicai import training
-from minicai.checkpoint import resolve_device, resolve_path
+from minicai.checkpoint import resolve_device
 from minicai.constitution import as_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import append_jsonl, atomic_write, read_jsonl_lines
 from minicai.losses import bradley_terry_loss
+from minicai.pretrained import resolve_path
 from minicai.reward import load_reward_model, save_reward_model
 from minicai.rl import completion_text
 from minicai.sft_data import encode_example

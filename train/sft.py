@@ -42,10 +42,11 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import load_pretrained, resolve_device, save_pretrained
+from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.io import append_jsonl, atomic_write
 from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
+from minicai.pretrained import load_pretrained
 from minicai.rl import peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
 from minicai import training
