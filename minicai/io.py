@@ -36,6 +36,15 @@ def check_input_file(path, what="input") -> None:
         raise ValueError(f"{path}: not readable ({what})")
 
 
+def checkpoint_dir(path) -> str:
+    """`path` as a str if it is a directory, else FileNotFoundError: what the tokenizer and checkpoint loaders
+    take. "default" is resolved above them, by minicai.pretrained.resolve_path (it needs the GGUF conversion)."""
+    if not os.path.isdir(path):
+        hint = " (minicai.pretrained.resolve_path resolves \"default\")" if str(path) == "default" else ""
+        raise FileNotFoundError(f"{path}: no such checkpoint directory{hint}")
+    return str(path)
+
+
 def check_output_path(path, kind, flag="--out") -> None:
     """Fail before anything is written when `path` cannot become a `kind` ("file" or "dir"): it exists as
     the other kind, a parent is a file, or the nearest existing parent is not writable."""

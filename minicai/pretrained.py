@@ -10,11 +10,11 @@ import os
 
 import torch
 
-import minicai.tokenizer as _tokenizer
-from minicai.checkpoint import checkpoint_dir, default_gguf_path, default_model_dir, load_checkpoint
+from minicai import tokenizer as _tokenizer
+from minicai.checkpoint import default_gguf_path, default_model_dir, load_checkpoint
 from minicai.gguf_import import convert_gguf
+from minicai.io import checkpoint_dir
 from minicai.model import Transformer
-from minicai.tokenizer import Tokenizer
 
 
 def resolve_path(path) -> str:
@@ -33,7 +33,7 @@ def load_model(path, dtype=torch.float32, device="cpu", verify=True) -> Transfor
     return load_checkpoint(resolve_path(path), dtype, device, verify)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path) -> _tokenizer.Tokenizer:
     """The tokenizer of a checkpoint directory ("default" for the default model's)."""
     return _tokenizer.load_tokenizer(resolve_path(path))
 

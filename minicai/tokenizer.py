@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 import tiktoken
 
+from minicai.io import atomic_write, checkpoint_dir
+
 # GPT-2's regex (Radford et al., 2019) as the tokenizers library's ByteLevel pre-tokenizer applies it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits) followed by ByteLevel: every digit alone; a whitespace run also ends before a digit.
@@ -275,7 +277,6 @@ class Tokenizer:
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, out_dir) -> None:
-        from minicai.io import atomic_write
 
         atomic_write(os.path.join(out_dir, "tokenizer.json"), json.dumps(self.tokenizer_json, ensure_ascii=False))
         config = dict(self.config)
@@ -300,9 +301,7 @@ def _compile_template(source: str):
 def load_tokenizer(path) -> Tokenizer:
     """Tokenizer of a checkpoint directory (tokenizer.json, tokenizer_config.json, optional chat_template.jinja).
     A directory only: minicai.load_tokenizer / minicai.pretrained.load_tokenizer also take "default"."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    path = str(path)
+    path = checkpoint_dir(path)
     tj_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj_path):
         raise FileNotFoundError(f"{tj_path}: missing (minicai reads byte-level BPE tokenizers from tokenizer.json)")

@@ -73,8 +73,7 @@ from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl
 from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts
 from minicai.refusal import prompt_text
-from minicai.refusal_head import load_classifier
-from minicai.refusal_head import ResponseClassifier
+from minicai.refusal_head import ResponseClassifier, load_classifier
 from minicai.sampling import generate
 
 MODES = ("critique", "direct", "distill")

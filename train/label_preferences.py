@@ -456,8 +456,7 @@ def load_models(args, sampled, classifier):
         else:
             ctx["judge"], ctx["judge_tok"] = policy, tok
     if {"contrastive", "reversed"} & set(sampled):
-        from minicai.refusal_head import load_classifier
-        from minicai.refusal_head import ResponseClassifier
+        from minicai.refusal_head import ResponseClassifier, load_classifier
 
         ctx["classifier"] = classifier or (load_classifier(args.device) if args.classifier == "head"
                                            else ResponseClassifier())
@@ -473,9 +472,9 @@ def check_args(args) -> list:
         args.dtype = generation_dtype(args.device)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.best_of < 1 or min(args.fewshot, args.cut_sentences) < 0:
         raise ValueError("--batch-size, --max-new-tokens and --best-of must be >= 1, --fewshot and --cut-sentences >= 0")
-    kinds = args.contrastive_kinds.split(",")
-    if not kinds or any(k not in ("harmful", "benign") for k in kinds):
+    if any(k not in KINDS for k in args.contrastive_kinds.split(",")):
         raise ValueError(f"--contrastive-kinds {args.contrastive_kinds!r}: expected harmful, benign or both")
+    args.contrastive_kinds = tuple(args.contrastive_kinds.split(","))  # parsed once; source_rows reads it
     if ("revision" in sources) != bool(args.revisions):
         raise ValueError("--revisions FILE goes with the revision source (--sources ...,revision) and only with it")
     check_output_path(args.out, "file")
@@ -504,7 +503,7 @@ def source_rows(source, rows, args) -> list:
     if source == "reversed":
         return [r for r in rows if r["kind"] == "benign"]
     if source == "contrastive":
-        return [r for r in rows if r["kind"] in args.contrastive_kinds.split(",")]
+        return [r for r in rows if r["kind"] in args.contrastive_kinds]
     return rows
 
 

@@ -168,13 +168,11 @@ def validate(cfg: PipelineConfig) -> None:
     for name in ("red_team_prompts", "helpful_prompts", "lookalike_prompts"):
         if not os.path.exists(getattr(cfg, name)):
             raise ValueError(f"config {name}: {getattr(cfg, name)} does not exist")
-    methods = cfg.rl_methods.split(",")
-    if not methods or len(set(methods)) != len(methods) or any(m not in ("ppo", "dpo") for m in methods):
-        raise ValueError(f"config rl_methods={cfg.rl_methods!r}: expected a comma list of ppo, dpo")
-    sources = cfg.pref_sources.split(",")
-    if len(set(sources)) != len(sources) or any(s not in PAIR_SOURCES for s in sources):
-        raise ValueError(f"config pref_sources={cfg.pref_sources!r}: expected a comma list of distinct names from "
-                         f"{', '.join(PAIR_SOURCES)}")
+    for name, allowed in (("rl_methods", ("ppo", "dpo")), ("pref_sources", PAIR_SOURCES)):
+        items = getattr(cfg, name).split(",")
+        if len(set(items)) != len(items) or any(x not in allowed for x in items):
+            raise ValueError(f"config {name}={getattr(cfg, name)!r}: expected a comma list of distinct names from "
+                             f"{', '.join(allowed)}")
     if cfg.cr_best_of < 1 or cfg.pref_best_of < 1:
         raise ValueError("config cr_best_of and pref_best_of must be >= 1")
 
