@@ -24,7 +24,8 @@ PAST_TENSE = _first_line("phrasing/past_tense_en.txt")
 
 def _readers(tok):
     from minicai.sft_data import read_sft_rows
-    from train import critique_revise, dpo, label_preferences, ppo, reward_model
+    from minicai import preferences
+    from train import critique_revise, dpo, label_preferences, ppo
 
     return {
         "ppo prompts": (lambda p: ppo.read_ppo_prompts([p], 1.0), lambda q: {"prompt": q}),
@@ -33,7 +34,7 @@ def _readers(tok):
         "labelling prompts": (lambda p: label_preferences.load_prompt_rows([p]), lambda q: {"messages": [
             {"role": "user", "content": q}]}),
         "dpo pairs": (lambda p: dpo.load_pairs(p, tok), lambda q: {"prompt": q, "chosen": "No.", "rejected": "Yes."}),
-        "reward-model pairs": (reward_model.read_pairs, lambda q: {"prompt": q, "chosen": "No.", "rejected": "Ok."}),
+        "reward-model pairs": (preferences.read_pairs, lambda q: {"prompt": q, "chosen": "No.", "rejected": "Ok."}),
     }
 
 

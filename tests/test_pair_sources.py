@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from minicai import preferences
 from minicai.reward import VerdictReward, expected_verdict, opposite_verdict
 from minicai.rl import score_sequences
 from minicai.sampling import Generation
@@ -210,9 +211,9 @@ def test_sources_mix_in_one_file_that_dpo_and_the_reward_model_read(setup, tiny_
     assert report["revision"]["agreement"] is None and "not defined" in report["revision"]["measured"]
     # the scripted classifier knows none of the hand-labelled responses: the rule decides none of them
     assert report["contrastive"]["decided"] == 0 and report["contrastive"]["labelled_pairs"] > 0
-    pairs, skipped = reward_model.read_pairs(path)                      # extra keys are accepted
+    pairs, skipped = preferences.read_pairs(path)                      # extra keys are accepted
     assert len(pairs) == 4 and skipped == {"identical": 0, "empty": 0}
-    loaded, counts = dpo.load_pairs(path, load_tokenizer(tiny_chat_model_dir), use_soft_labels=True)
+    loaded, counts = dpo.load_pairs(path, load_tokenizer(tiny_chat_model_dir), soft_labels=True)
     assert len(loaded) == 4 and all(p["soft_label"] == 1.0 for p in loaded)
 
 

@@ -16,6 +16,7 @@ import minicai.training
 from minicai.checkpoint import save_pretrained
 from minicai.constitution import load_constitution
 from minicai.judge import compare_pairs
+from minicai import preferences
 from minicai.model import ModelConfig, Transformer
 from minicai.pretrained import load_model, resolve_path
 from minicai.reward import last_real_index, load_reward_model, save_reward_model
@@ -268,7 +269,7 @@ def test_bad_preference_rows(tmp_path):
     ok = {"prompt": "Hi?", "chosen": "Hello!", "rejected": [{"role": "assistant", "content": "Go away."}]}
     path = write_rows(tmp_path / "p.jsonl", [ok, "", {**ok, "chosen": "Go away."}, {**ok, "chosen": "  "},
                                              {**ok, "rejected": ""}])
-    pairs, skipped = reward_model.read_pairs(path)
+    pairs, skipped = preferences.read_pairs(path)
     assert len(pairs) == 1 and skipped == {"identical": 1, "empty": 2}
     assert pairs[0]["chosen"] == "Hello!" and pairs[0]["rejected"] == "Go away." and pairs[0]["p"] == 1.0
 
@@ -280,9 +281,9 @@ def test_bad_preference_rows(tmp_path):
     for bad, msg in cases:
         p = write_rows(tmp_path / "bad.jsonl", [ok, bad])
         with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{msg}"):
-            reward_model.read_pairs(p)
+            preferences.read_pairs(p)
     with pytest.raises(ValueError, match=r"p.jsonl:1: missing field\(s\) \['soft_label'\]"):
-        reward_model.read_pairs(path, soft_labels=True)
+        preferences.read_pairs(path, soft_labels=True)
 
 
 def test_truncated_response_gets_no_eos_and_split_is_by_prompt(tok):
@@ -295,7 +296,7 @@ def test_truncated_response_gets_no_eos_and_split_is_by_prompt(tok):
     assert ex["rejected_ids"] == prompt + tok.encode("Go")
     assert reward_model.encode_pairs(tok, [pair], len(prompt) + 2) == ([], 1)
     exs = [{"key": k} for k in "aabbbcdddd"]
-    train, held = reward_model.split_by_prompt(exs, 0.25, seed=0)
+    train, held = preferences.split_by_prompt(exs, 0.25, seed=0)
     assert not {e["key"] for e in train} & {e["key"] for e in held} and len(train) + len(held) == 10
     assert len({e["key"] for e in held}) == 1  # round(0.25 * 4 prompts)
 
@@ -405,7 +406,7 @@ def test_pairs_from_revisions(tmp_path):
     assert label_preferences.main(["--sources", "revision", "--revisions", src, "--out", out]) == []  # no duplicates
     assert len(open(out).read().splitlines()) == 1
     # the reward model reads these rows; the truncated initial response gets no EOS
-    pairs, _ = reward_model.read_pairs(out)
+    pairs, _ = preferences.read_pairs(out)
     assert pairs[0]["chosen_eos"] and not pairs[0]["rejected_eos"]
     bad = write_rows(tmp_path / "bad.jsonl", [{"id": "r1", "messages": msgs, "initial": "x"}])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['final'\]"):

@@ -335,7 +335,7 @@ def test_dpo_bad_inputs(tiny_dir, tmp_path, tok):
     badsoft = tmp_path / "s.jsonl"
     badsoft.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "soft_label": 1.5}\n')
     with pytest.raises(ValueError, match=r"s.jsonl:1: field 'soft_label'"):
-        dpo.load_pairs(badsoft, tok, use_soft_labels=True)
+        dpo.load_pairs(badsoft, tok, soft_labels=True)
     badc = tmp_path / "c.jsonl"
     badc.write_text('{"prompt": "a", "chosen": {"x": 1}, "rejected": "c"}\n')
     with pytest.raises(ValueError, match=r"c.jsonl:1: field 'chosen'"):

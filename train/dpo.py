@@ -7,15 +7,12 @@ IPO (Azar et al. 2023) with --loss ipo, conservative DPO with --label-smoothing 
 soft labels p = P(chosen better) with --use-soft-labels (eps = 1 - p per pair). The math is in
 minicai.losses.dpo_loss; this script plumbs data, reference log-probs and the optimiser.
 
-Data: JSONL in TRL's preference format, one pair per row: "prompt" (a string or a message list ending with
-the user turn), "chosen" and "rejected" (strings, or lists holding one assistant message), and with
---use-soft-labels a "soft_label" in [0, 1]. Each completion is tokenised as the assistant turn after the chat
-template's generation prompt, as SFT does (minicai.sft_data.encode_example): the stripped text, then the EOS
-(the EOS is trained: it is how the policy learns to stop).
-Bad input: a row missing a field, with a malformed completion or soft label is an error naming file:line;
-rows whose chosen and rejected texts are identical, rows with an empty (blank) completion and rows whose
-prompt is longer than --max-prompt-tokens are skipped and counted; completions longer than
---max-completion-tokens are truncated (and counted).
+Data: JSONL in TRL's preference format, read by minicai.preferences (the reward model's reader: "prompt",
+"chosen", "rejected", with --use-soft-labels a "soft_label" in [0, 1]; bad rows are errors naming file:line,
+empty or identical pairs are skipped and counted). Each completion is tokenised as the assistant turn after
+the chat template's generation prompt, as SFT does: the stripped text, then the EOS (the EOS is trained: it
+is how the policy learns to stop), none after a response cut at the length cap. Prompts longer than
+--max-prompt-tokens are skipped and counted; completions longer than --max-completion-tokens are truncated.
 
 Choices:
 - Reference log-probs are computed once, before the first update, in one pass over all pairs, by the
@@ -32,8 +29,9 @@ Choices:
   in bf16 over fp32 master weights, the log-probs and the loss in fp32; the reference log-probs are computed
   under the same setting. Peak memory is logged per step and printed per stage (load, reference, train).
 - --nll-weight w adds w x the mean per-token NLL of the chosen completions (RPO, Pang et al. 2024).
-- A held-out split (--eval-frac) is scored before and after training: implicit reward margin
-  beta (delta_policy - delta_ref), accuracy, loss, and the policy's own log-prob margin.
+- A held-out split (--eval-frac of the distinct prompts, so no prompt is on both sides) is scored before and
+  after training: implicit reward margin beta (delta_policy - delta_ref), accuracy, loss, and the policy's
+  own log-prob margin.
 - Deterministic given --seed (split, epoch order); resumable at step boundaries (--resume). Inputs are all
   checked before anything is written; a fresh run over an earlier one in --out needs --overwrite; a diverging
   run stops and keeps the last good state (minicai.training.DivergenceGuard).
@@ -56,13 +54,12 @@ from safetensors.torch import load_file, save
 
 from minicai import training
 from minicai.checkpoint import resolve_device, save_pretrained
-from minicai.constitution import as_messages
-from minicai.garak_data import check_trainable_messages
-from minicai.io import append_jsonl, atomic_write, read_jsonl, read_jsonl_lines
+from minicai.io import append_jsonl, atomic_write, read_jsonl
 from minicai.losses import dpo_loss
+from minicai.preferences import encode_pair, read_pairs, split_by_prompt
 from minicai.pretrained import load_model, resolve_path
-from minicai.rl import completion_logprobs, completion_text, peak_memory_mb, reset_peak_memory
-from minicai.sft_data import IGNORE, collate, encode_example
+from minicai.rl import completion_logprobs, peak_memory_mb, reset_peak_memory
+from minicai.sft_data import IGNORE, collate
 from minicai.tokenizer import load_tokenizer
 from minicai.training import load_resume_state, lr_at, make_optimizer, plot_losses, truncate_log
 
@@ -103,49 +100,21 @@ training.add_run_flags(parser)
 
 # ----------------------------------------------------------------------------- data
 
-def load_pairs(path, tok, *, use_soft_labels=False, max_prompt_tokens=512, max_completion_tokens=256):
-    """Tokenised pairs [{prompt, chosen, rejected, soft_label}] and counts of skipped / truncated rows."""
-    counts = {"identical": 0, "empty": 0, "prompt_too_long": 0, "truncated": 0}
-    pairs = []
-    for lineno, row in read_jsonl_lines(path, required=("prompt", "chosen", "rejected")):
-        where = f"{path}:{lineno}"
-        try:
-            messages = as_messages(row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{where}: field 'prompt': {e}") from None
-        check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
-        chosen = completion_text(row["chosen"], f"{where}: field 'chosen'")
-        rejected = completion_text(row["rejected"], f"{where}: field 'rejected'")
-        soft = 1.0
-        if use_soft_labels:
-            soft = row.get("soft_label")
-            if isinstance(soft, bool) or not isinstance(soft, (int, float)) or not 0.0 <= soft <= 1.0:
-                raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1] with --use-soft-labels, "
-                                 f"got {soft!r}")
-        if not chosen.strip() or not rejected.strip():
-            counts["empty"] += 1
-            continue
-        if chosen.strip() == rejected.strip():
-            counts["identical"] += 1
-            continue
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+def load_pairs(path, tok, *, soft_labels=False, max_prompt_tokens=512, max_completion_tokens=256):
+    """preferences.read_pairs' pairs of `path` as token ids [{prompt, chosen, rejected, soft_label, key}]: prompts
+    over max_prompt_tokens skipped, completions over max_completion_tokens truncated; with the counts."""
+    rows, counts = read_pairs(path, soft_labels)
+    pairs, counts = [], {**counts, "prompt_too_long": 0, "truncated": 0}
+    for row in rows:
+        prompt, c, r = encode_pair(tok, row)
         if len(prompt) > max_prompt_tokens:
             counts["prompt_too_long"] += 1
             continue
-        # SFT's layout: text + EOS, except after a response cut at the length cap (it did not end there)
-        c = encode_example(tok, messages, chosen.strip(), row.get("chosen_finish_reason") != "length")[0][len(prompt):]
-        r = encode_example(tok, messages, rejected.strip(), row.get("rejected_finish_reason") != "length")[0][len(prompt):]
         if max(len(c), len(r)) > max_completion_tokens:
             counts["truncated"] += 1
             c, r = c[:max_completion_tokens], r[:max_completion_tokens]
-        pairs.append({"prompt": prompt, "chosen": c, "rejected": r, "soft_label": float(soft)})
+        pairs.append({"prompt": prompt, "chosen": c, "rejected": r, "soft_label": row["p"], "key": row["key"]})
     return pairs, counts
-
-
-def split(pairs, eval_frac, seed):
-    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
-    n_eval = 0 if eval_frac <= 0 else min(len(pairs) - 1, max(1, round(eval_frac * len(pairs))))
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
 def pair_batch(pairs, pad_id, device):
@@ -193,7 +162,7 @@ def fingerprint(args, model_path) -> str:
         st = os.stat(os.path.join(model_path, name))
         h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([args.loss, args.max_prompt_tokens, args.max_completion_tokens, args.eval_frac, args.seed,
-                         args.dtype, args.use_soft_labels, args.autocast, "right-padded"]).encode())
+                         args.dtype, args.use_soft_labels, args.autocast, "right-padded", "split-by-prompt"]).encode())
     return h.hexdigest()
 
 
@@ -313,12 +282,12 @@ def train_loop(c):
 
 def load_data(args, tok) -> tuple:
     """(train pairs, held-out pairs) of --data, with what was skipped printed."""
-    pairs, counts = load_pairs(args.data, tok, use_soft_labels=args.use_soft_labels,
+    pairs, counts = load_pairs(args.data, tok, soft_labels=args.use_soft_labels,
                                max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens)
     print(f"dpo: {len(pairs)} pairs from {args.data}; skipped {counts['identical']} identical, {counts['empty']} "
           f"with an empty completion, {counts['prompt_too_long']} with a prompt > {args.max_prompt_tokens} tokens; "
           f"truncated {counts['truncated']}")
-    train_pairs, eval_pairs = split(pairs, args.eval_frac, args.seed)
+    train_pairs, eval_pairs = split_by_prompt(pairs, args.eval_frac, args.seed)
     if not train_pairs:
         raise ValueError(f"{args.data}: no usable preference pairs")
     return train_pairs, eval_pairs

@@ -13,13 +13,11 @@ the Bradley-Terry negative log-likelihood (minicai.losses.bradley_terry_loss), w
 confidence instead of a human rating. The loss is averaged over every pair of the optimizer step (all
 gradient-accumulation micro-batches together).
 
-Data: JSONL in TRL's preference format (train.label_preferences output): prompt (string or messages),
-chosen and rejected (strings, or one assistant message each), optional soft_label in [0, 1] and
-chosen_finish_reason / rejected_finish_reason. Each side is tokenised as chat_template(prompt) + response +
-EOS, the layout SFT and DPO use (minicai.sft_data.encode_example), except a response cut at the sampler's
-length cap (finish_reason "length"), which gets no EOS - PPO scores such a sample without one too. A row with a missing or wrong-typed field is
-an error naming file:line; pairs with identical or empty responses, or longer than --max-len tokens, are
-skipped and counted.
+Data: JSONL in TRL's preference format (train.label_preferences output), read by minicai.preferences: prompt,
+chosen, rejected, optional soft_label in [0, 1] and chosen_finish_reason / rejected_finish_reason; a bad row is
+an error naming file:line, empty or identical pairs are skipped and counted. Each side is tokenised as
+chat_template(prompt) + response + EOS, the layout SFT and DPO use, except a response cut at the sampler's
+length cap (no EOS); pairs longer than --max-len tokens are skipped and counted.
 
 Held-out split: --eval-frac of the distinct prompts (seeded by --seed), so no prompt is on both sides.
 Accuracy (share of pairs with r_c > r_r; chance 0.5), mean margin r_c - r_r and the chosen / rejected
@@ -42,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -53,14 +50,11 @@ from tqdm import tqdm
 
 from minicai import training
 from minicai.checkpoint import resolve_device
-from minicai.constitution import as_messages
-from minicai.garak_data import check_trainable_messages
-from minicai.io import append_jsonl, atomic_write, read_jsonl_lines
+from minicai.io import append_jsonl, atomic_write
 from minicai.losses import bradley_terry_loss
+from minicai.preferences import encode_pair, read_pair_files, read_pairs, split_by_prompt
 from minicai.pretrained import resolve_path
 from minicai.reward import load_reward_model, save_reward_model
-from minicai.rl import completion_text
-from minicai.sft_data import encode_example
 from minicai.tokenizer import load_tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -98,62 +92,17 @@ training.add_run_flags(parser)
 
 # ----------------------------------------------------------------------------- data
 
-def read_pairs(path, soft_labels=False) -> tuple:
-    """Parse one preference file. Returns ([{messages, chosen, rejected, p, chosen_eos, rejected_eos, where}],
-    {"identical": n, "empty": n}). Malformed rows raise ValueError naming file:line."""
-    pairs, skipped = [], {"identical": 0, "empty": 0}
-    for lineno, row in read_jsonl_lines(path):
-        where = f"{path}:{lineno}"
-        need = ("prompt", "chosen", "rejected") + (("soft_label",) if soft_labels else ())
-        missing = [k for k in need if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
-        try:
-            messages = as_messages(row["prompt"])
-        except ValueError as e:
-            raise ValueError(f"{where}: field 'prompt': {e}") from None
-        check_trainable_messages(messages, where)  # no evaluation-only prompt reaches training
-        chosen = completion_text(row["chosen"], f"{where}: field 'chosen'").strip()
-        rejected = completion_text(row["rejected"], f"{where}: field 'rejected'").strip()
-        p = row.get("soft_label", 1.0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"{where}: field 'soft_label' must be a number in [0, 1], got {p!r}")
-        if not chosen or not rejected:
-            skipped["empty"] += 1
-            continue
-        if chosen == rejected:
-            skipped["identical"] += 1
-            continue
-        pairs.append({"messages": messages, "chosen": chosen, "rejected": rejected, "p": float(p), "where": where,
-                      "chosen_eos": row.get("chosen_finish_reason") != "length",
-                      "rejected_eos": row.get("rejected_finish_reason") != "length", "source": str(row.get("source", ""))})
-    return pairs, skipped
-
-
 def encode_pairs(tokenizer, pairs, max_len) -> tuple:
-    """Token ids of both sides: chat_template(prompt) + response (+ EOS). Skips pairs over max_len."""
+    """Token ids of both sides, chat_template(prompt) + response (+ EOS: preferences.encode_pair). Skips pairs
+    over max_len."""
     out, too_long = [], 0
     for pr in pairs:
-        c = encode_example(tokenizer, pr["messages"], pr["chosen"], pr["chosen_eos"])[0]
-        r = encode_example(tokenizer, pr["messages"], pr["rejected"], pr["rejected_eos"])[0]
-        if max(len(c), len(r)) > max_len:
+        prompt, c, r = encode_pair(tokenizer, pr)
+        if len(prompt) + max(len(c), len(r)) > max_len:
             too_long += 1
             continue
-        out.append({**pr, "chosen_ids": c, "rejected_ids": r, "key": json.dumps(pr["messages"], sort_keys=True)})
+        out.append({**pr, "chosen_ids": prompt + c, "rejected_ids": prompt + r})
     return out, too_long
-
-
-def split_by_prompt(examples, eval_frac, seed) -> tuple:
-    """(train, held-out): a seeded eval_frac of the distinct prompts goes to the held-out side."""
-    if not 0 <= eval_frac < 1:
-        raise ValueError(f"--eval-frac must be in [0, 1), got {eval_frac}")
-    keys = sorted({e["key"] for e in examples})
-    random.Random(seed).shuffle(keys)
-    n_eval = round(eval_frac * len(keys))
-    if eval_frac > 0 and len(keys) >= 2:
-        n_eval = min(max(1, n_eval), len(keys) - 1)  # at least one pair held out, at least one to train on
-    held = set(keys[:n_eval])
-    return [e for e in examples if e["key"] not in held], [e for e in examples if e["key"] in held]
 
 
 def collate_pairs(examples, pad_id, side="right", device=None) -> tuple:
@@ -207,11 +156,7 @@ def evaluate(rm, examples, batch_size, pad_id, side, autocast=nullcontext) -> di
 
 
 def load_data(args, tokenizer) -> tuple:
-    pairs, skipped = [], {"identical": 0, "empty": 0}
-    for path in args.data:
-        p, s = read_pairs(path, args.soft_labels)
-        pairs += p
-        skipped = {k: skipped[k] + s[k] for k in skipped}
+    pairs, skipped = read_pair_files(args.data, args.soft_labels)
     examples, too_long = encode_pairs(tokenizer, pairs, args.max_len)
     print(f"reward_model: {len(pairs) + sum(skipped.values())} pairs from {len(args.data)} file(s); skipped "
           f"{skipped['identical']} with identical responses, {skipped['empty']} with an empty response and "
