@@ -34,6 +34,7 @@ Layout of a state directory:
     state.json              step, data position, param groups, non-tensor optimizer state, param names,
                             Python and NumPy RNG states, anything the trainer adds in `extra`
 """
+import argparse
 import io
 import json
 import math
@@ -50,7 +51,7 @@ from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl
 
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
-           "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches"]
+           "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -350,22 +351,72 @@ def plot_losses(rows, png_path, keys=("loss",), title=None) -> None:
 RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device", "overwrite", "max_loss_jump"}
 
 
-def add_run_flags(parser) -> None:
-    """--overwrite and --max-loss-jump, which every trainer takes."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh over an earlier run in the same folder (its state and logs move to RUN_DIR.previous)")
-    parser.add_argument("--max-loss-jump", type=float, default=10.0,
-                        help="stop when a step's loss exceeds this x its recent average (0 = off)")
+def script_args(parser, **fields) -> argparse.Namespace:
+    """The Namespace parser.parse_args would return, from Python values (a typed config, no argv strings): the
+    parser's defaults, then `fields` by dest. An unknown field, a missing required flag, a value of the wrong
+    type or outside an action's choices is a ValueError naming it."""
+    actions = {}
+    for a in parser._actions:  # argparse has no public list; the first action of a dest owns its default
+        if a.dest != "help":
+            actions.setdefault(a.dest, a)
+    unknown = sorted(set(fields) - set(actions))
+    missing = [a.option_strings[0] for d, a in actions.items() if a.required and d not in fields]
+    if unknown or missing:
+        raise ValueError("; ".join(([f"unknown field(s) {unknown}: no such flag"] if unknown else [])
+                                   + ([f"missing required {', '.join(missing)}"] if missing else [])))
+    args = argparse.Namespace()
+    for dest, a in actions.items():
+        if dest in fields:
+            _check_field(a, fields[dest])
+        setattr(args, dest, fields[dest] if dest in fields else
+                a.type(a.default) if isinstance(a.default, str) and callable(a.type) else a.default)
+    return args
 
 
-def add_speed_flags(parser) -> None:
-    """--autocast and --bucket-window, which SFT and DPO take."""
+def _check_field(action, value) -> None:
+    """A Python value for one action: a list for nargs + / *, each item of the action's type and in its choices."""
+    flag, many = action.option_strings[0], action.nargs in ("+", "*")
+    if value is None and action.default is None:
+        return
+    if many and not isinstance(value, (list, tuple)):
+        raise ValueError(f"{flag} takes a list, got {value!r}")
+    kind = {int: (int,), float: (int, float), None: (str,)}.get(action.type, (object,)) if action.nargs != 0 else (bool,)
+    for v in value if many else [value]:
+        if isinstance(v, bool) != (kind == (bool,)) or not isinstance(v, kind):
+            raise ValueError(f"{flag}={v!r}: expected {' or '.join(k.__name__ for k in kind)}")
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{flag}={v!r}: expected one of {list(action.choices)}")
+
+
+def add_train_flags(parser, *, min_lr_ratio=0.1, save_every=50, loss_jump=True) -> None:
+    """The flags every trainer takes, spelt one way across the scripts (old spellings stay as aliases)."""
+    a = parser.add_argument
+    a("--min-lr-ratio", "--lr-min-ratio", type=float, default=min_lr_ratio,
+      help="cosine decay to lr x this at the last step (1 = constant)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    a("--gradient-checkpointing", "--grad-checkpoint", action="store_true", help="recompute blocks in backward (less memory)")
+    a("--save-every", type=int, default=save_every, help="save the training state every N steps (0 = only at the end)")
+    a("--resume", action="store_true", help="continue from the run's saved training state if there is one")
+    a("--seed", type=int, default=0, help="seed of the data split and order, initialisation and sampling")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    a("--dtype", default="float32", help="dtype of the trained (master) weights")
+    a("--overwrite", action="store_true",
+      help="start afresh over an earlier run in the same folder (its state and logs move to RUN_DIR.previous)")
+    if loss_jump:  # PPO's loss has no scale to jump from
+        a("--max-loss-jump", type=float, default=10.0, help="stop when a step's loss exceeds this x its recent average (0 = off)")
+
+
+def add_speed_flags(parser, bucket=True) -> None:
+    """--autocast (--no-autocast = --autocast off) and --bucket-window."""
     parser.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
                         help="bf16 autocast of the forward over fp32 master weights, loss math in fp32: auto = on for "
                              "CUDA and for CPUs with native bf16 (AVX512-BF16/AMX), else off")
-    parser.add_argument("--bucket-window", type=int, default=8,
-                        help="sort each window of this many batches of the shuffled order by length, so batches pad "
-                             "little (1 = plain shuffled order)")
+    parser.add_argument("--no-autocast", dest="autocast", action="store_const", const="off", help="--autocast off")
+    if bucket:
+        parser.add_argument("--bucket-window", type=int, default=8,
+                            help="sort each window of this many batches of the shuffled order by length, so batches "
+                                 "pad little (1 = plain shuffled order)")
 
 
 def micro_batches(n, batch_size, seed, position, lengths=None, window=1):

@@ -4,11 +4,11 @@ The RL stage of Constitutional AI (Bai et al. 2022, sec. 4) trains a preference 
 PPO against it; DPO optimises the same KL-regularised objective in closed form from the preference pairs:
 loss = -log sigmoid(beta [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))]) (eq. 7), or
 IPO (Azar et al. 2023) with --loss ipo, conservative DPO with --label-smoothing eps, or the feedback model's
-soft labels p = P(chosen better) with --use-soft-labels (eps = 1 - p per pair). The math is in
+soft labels p = P(chosen better) with --soft-labels (eps = 1 - p per pair). The math is in
 minicai.losses.dpo_loss; this script plumbs data, reference log-probs and the optimiser.
 
 Data: JSONL in TRL's preference format, read by minicai.preferences (the reward model's reader: "prompt",
-"chosen", "rejected", with --use-soft-labels a "soft_label" in [0, 1]; bad rows are errors naming file:line,
+"chosen", "rejected", with --soft-labels a "soft_label" in [0, 1]; bad rows are errors naming file:line,
 empty or identical pairs are skipped and counted). Each completion is tokenised as the assistant turn after
 the chat template's generation prompt, as SFT does: the stripped text, then the EOS (the EOS is trained: it
 is how the policy learns to stop), none after a response cut at the length cap. Prompts longer than
@@ -66,36 +66,27 @@ from minicai.training import load_resume_state, lr_at, make_optimizer, plot_loss
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
 parser.add_argument("--model", default="default", help="initial policy = reference (the SL-CAI / SFT checkpoint; default: %(default)s)")
-parser.add_argument("--data", required=True, help="preference JSONL (format above)")
+parser.add_argument("--data", nargs="+", required=True, help="preference JSONL file(s) (format above)")
 parser.add_argument("--out", default="runs/dpo", help="output dir: final/ (HF checkpoint), state/, log.jsonl, eval.json, curves.png (default: %(default)s)")
 parser.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid", help="DPO (sigmoid) or IPO (default: %(default)s)")
 parser.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default: %(default)s)")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate eps in [0, 0.5] (default: %(default)s)")
-parser.add_argument("--use-soft-labels", action="store_true", help="per-pair eps = 1 - soft_label from each row's 'soft_label' field")
+parser.add_argument("--soft-labels", "--use-soft-labels", action="store_true", help="per-pair eps = 1 - soft_label from each row's 'soft_label' field")
 parser.add_argument("--nll-weight", type=float, default=0.0, help="weight of the NLL term on the chosen completions (default: %(default)s)")
 parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (default: %(default)s)")
 parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default: %(default)s)")
 parser.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward, gradients accumulated (0 = --batch-size)")
 parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (LoRA wants ~1e-4) (default: %(default)s)")
 parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: %(default)s)")
-parser.add_argument("--lr-min-ratio", type=float, default=0.1, help="cosine decay to lr x this at the end (default: %(default)s)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: %(default)s)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: %(default)s)")
-parser.add_argument("--eval-frac", type=float, default=0.1, help="held-out share of the pairs, 0 = no evaluation (default: %(default)s)")
+parser.add_argument("--eval-frac", type=float, default=0.1, help="held-out share of the distinct prompts, 0 = no evaluation (default: %(default)s)")
 parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped (default: %(default)s)")
 parser.add_argument("--max-completion-tokens", type=int, default=256, help="longer completions are truncated (default: %(default)s)")
 parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0 = full)")
 parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
 parser.add_argument("--lora-targets", default="q,k,v,o", help="LoRA target linear layers (default: %(default)s)")
-parser.add_argument("--save-every", type=int, default=50, help="write the resumable state every N steps (default: %(default)s)")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/state if it exists")
 parser.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after N steps in this run; 0 = to the end")
-parser.add_argument("--seed", type=int, default=0, help="seed of the split and the data order (default: %(default)s)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: %(default)s)")
-parser.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
-parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+training.add_train_flags(parser)
 training.add_speed_flags(parser)
-training.add_run_flags(parser)
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,13 +147,14 @@ def reference_logprobs(model, pairs, pad_id, args):
 def fingerprint(args, model_path) -> str:
     """What the reference log-probs depend on: data bytes, model weights file stamp, tokenisation settings."""
     h = hashlib.sha256()
-    with open(args.data, "rb") as f:
-        h.update(f.read())
+    for data in args.data:
+        with open(data, "rb") as f:
+            h.update(f.read())
     for name in sorted(os.listdir(model_path)):
         st = os.stat(os.path.join(model_path, name))
         h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([args.loss, args.max_prompt_tokens, args.max_completion_tokens, args.eval_frac, args.seed,
-                         args.dtype, args.use_soft_labels, args.autocast, "right-padded", "split-by-prompt"]).encode())
+                         args.dtype, args.soft_labels, args.autocast, "right-padded", "split-by-prompt"]).encode())
     return h.hexdigest()
 
 
@@ -231,7 +223,7 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard=None) -> 
         chunk = [pairs[j] for j in mb]
         c, r, c_tok, c_mask = pair_logprobs(model, chunk, pad_id, args)
         ref_mb = ref[torch.as_tensor(mb)].to(c.device)
-        soft = torch.tensor([p["soft_label"] for p in chunk], device=c.device) if args.use_soft_labels else None
+        soft = torch.tensor([p["soft_label"] for p in chunk], device=c.device) if args.soft_labels else None
         losses, cr, rjr = dpo_loss(c, r, ref_mb[:, 0], ref_mb[:, 1], beta=args.beta, loss_type=args.loss,
                                    label_smoothing=args.label_smoothing, soft_labels=soft)
         nll = -torch.where(c_mask, c_tok, 0).sum() / n_chosen_tokens           # share of the batch's token mean
@@ -260,7 +252,7 @@ def train_loop(c):
     """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
     with c.guard:
         for step in range(c.start, c.end):
-            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.total, min_ratio=c.args.lr_min_ratio)
+            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.total, min_ratio=c.args.min_lr_ratio)
             for g in c.opt.param_groups:
                 g["lr"] = lr
             rows = batch_rows(len(c.train_pairs), c.args.batch_size, c.args.seed, step, c.steps_per_epoch,
@@ -276,32 +268,35 @@ def train_loop(c):
                   f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
                   f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
                   flush=True)
-            if (step + 1) % c.args.save_every == 0 or step + 1 == c.end:
+            if (c.args.save_every and (step + 1) % c.args.save_every == 0) or step + 1 == c.end:
                 c.guard.save(c.model, c.opt, step + 1, final=step + 1 == c.end)
 
 
 def load_data(args, tok) -> tuple:
     """(train pairs, held-out pairs) of --data, with what was skipped printed."""
-    pairs, counts = load_pairs(args.data, tok, soft_labels=args.use_soft_labels,
-                               max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens)
-    print(f"dpo: {len(pairs)} pairs from {args.data}; skipped {counts['identical']} identical, {counts['empty']} "
+    pairs, counts = [], {}
+    for path in args.data:
+        p, c = load_pairs(path, tok, soft_labels=args.soft_labels, max_prompt_tokens=args.max_prompt_tokens,
+                          max_completion_tokens=args.max_completion_tokens)
+        pairs, counts = pairs + p, {k: counts.get(k, 0) + v for k, v in c.items()}
+    print(f"dpo: {len(pairs)} pairs from {', '.join(args.data)}; skipped {counts['identical']} identical, {counts['empty']} "
           f"with an empty completion, {counts['prompt_too_long']} with a prompt > {args.max_prompt_tokens} tokens; "
           f"truncated {counts['truncated']}")
     train_pairs, eval_pairs = split_by_prompt(pairs, args.eval_frac, args.seed)
     if not train_pairs:
-        raise ValueError(f"{args.data}: no usable preference pairs")
+        raise ValueError(f"{', '.join(args.data)}: no usable preference pairs")
     return train_pairs, eval_pairs
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    training.check_flags(args, ge1="epochs batch_size save_every max_prompt_tokens max_completion_tokens bucket_window",
+    training.check_flags(args, ge1="epochs batch_size max_prompt_tokens max_completion_tokens bucket_window",
                          pos="lr beta",
-                         nonneg="micro_batch_size warmup weight_decay grad_clip nll_weight stop_after lora_rank max_loss_jump",
-                         unit="lr_min_ratio", unit_open="eval_frac", half="label_smoothing")
+                         nonneg="save_every micro_batch_size warmup weight_decay grad_clip nll_weight stop_after lora_rank max_loss_jump",
+                         unit="min_lr_ratio", unit_open="eval_frac", half="label_smoothing")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
-    if args.use_soft_labels and args.label_smoothing:
-        raise ValueError("give --label-smoothing or --use-soft-labels, not both")
+    if args.soft_labels and args.label_smoothing:
+        raise ValueError("give --label-smoothing or --soft-labels, not both")
     torch.manual_seed(args.seed)
     resolve_device(args.device)
     log_path, state_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "state")
@@ -316,7 +311,7 @@ def main(argv=None):
                                      args.max_loss_jump)
 
     model = load_model(path, dtype=getattr(torch, args.dtype), device=args.device)
-    model.gradient_checkpointing = args.grad_checkpoint
+    model.gradient_checkpointing = args.gradient_checkpointing
     if args.lora_rank:
         from minicai.lora import apply_lora
         apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)

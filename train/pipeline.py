@@ -366,7 +366,7 @@ def stage_dpo(st, d, policy, prefs):
 
     c = st.cfg
     dpo.main(["--model", policy, "--data", prefs, "--out", d, "--epochs", str(c.dpo_epochs), "--lr", str(c.dpo_lr),
-              "--beta", str(c.dpo_beta), "--use-soft-labels", "--resume", "--seed", str(c.seed), "--device", st.device])
+              "--beta", str(c.dpo_beta), "--soft-labels", "--resume", "--seed", str(c.seed), "--device", st.device])
     return {"model": os.path.join(d, "final")}
 
 

@@ -64,9 +64,6 @@ parser.add_argument("--temperature", type=float, default=0.8, help="sampling tem
 parser.add_argument("--lr", type=float, default=3e-6, help="peak learning rate of the policy")
 parser.add_argument("--vf-lr-mult", type=float, default=30.0, help="value head learning rate = this x --lr")
 parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-parser.add_argument("--lr-min-ratio", type=float, default=1.0, help="cosine decay to lr x this at the last step (1 = constant)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
 parser.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip epsilon")
 parser.add_argument("--cliprange-value", type=float, default=0.2, help="value clip epsilon")
 parser.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss (it also trains the shared trunk)")
@@ -82,15 +79,9 @@ parser.add_argument("--classifier-reward", type=float, default=0.0,
 parser.add_argument("--classifier", choices=("head", "rules"), default="head",
                     help="classifier for --classifier-reward: head (validated, loads the default model) or rules")
 parser.add_argument("--no-eos-penalty", type=float, default=1.0, help="subtracted from the score of responses without EOS (0 = off)")
+training.add_train_flags(parser, min_lr_ratio=1.0, save_every=25, loss_jump=False)
 parser.add_argument("--sample-every", type=int, default=10, help="print and save sample completions every N steps (0 = never)")
-parser.add_argument("--save-every", type=int, default=25, help="write the resumable training state every N steps")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/state if it exists")
 parser.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps in this run; 0 = run to --steps")
-parser.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling and minibatch order")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-parser.add_argument("--dtype", default="float32", help="dtype of policy, reference and reward model (float32 or bfloat16)")
-parser.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
-parser.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in --out (its state and logs move to OUT.previous)")
 
 
 def step_seed(seed, step, salt):
@@ -243,7 +234,7 @@ def train_loop(c):
     """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
     with c.guard:
         for step in range(c.start, c.end):
-            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.args.steps, min_ratio=c.args.lr_min_ratio)
+            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.args.steps, min_ratio=c.args.min_lr_ratio)
             for g in c.opt.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)
             metrics, samples = ppo_step(step, c.policy, c.value_head, c.ref, c.reward_fn, c.opt, c.kl_ctl, c.prompts,
@@ -259,7 +250,7 @@ def train_loop(c):
                 for s in samples:
                     append_jsonl(c.samples_path, s)
                     print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
-            if (step + 1) % c.args.save_every == 0 or step + 1 == c.end:
+            if (c.args.save_every and (step + 1) % c.args.save_every == 0) or step + 1 == c.end:
                 c.guard.save(c.trainable, c.opt, step + 1, extra={"kl_coef": c.kl_ctl.value}, final=step + 1 == c.end)
 
 
@@ -286,9 +277,9 @@ def verdict_reward(score, tok, prompts, args):
 def main(argv=None, reward_fn=None):
     """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
     args = parser.parse_args(argv)
-    training.check_flags(args, ge1="steps batch_size minibatch_size ppo_epochs max_new_tokens save_every max_prompt_tokens",
-                         pos="temperature lr vf_lr_mult kl_horizon", unit="lr_min_ratio gamma lam",
-                         nonneg="warmup weight_decay grad_clip cliprange cliprange_value vf_coef kl_coef kl_target "
+    training.check_flags(args, ge1="steps batch_size minibatch_size ppo_epochs max_new_tokens max_prompt_tokens",
+                         pos="temperature lr vf_lr_mult kl_horizon", unit="min_lr_ratio gamma lam",
+                         nonneg="save_every warmup weight_decay grad_clip cliprange cliprange_value vf_coef kl_coef kl_target "
                                 "no_eos_penalty sample_every stop_after classifier_reward")
     if args.minibatch_size > args.batch_size:
         raise ValueError(f"--minibatch-size {args.minibatch_size} > --batch-size {args.batch_size}")
@@ -305,7 +296,7 @@ def main(argv=None, reward_fn=None):
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (PPO needs one to end responses)")
     policy = load_model(path, dtype=dtype, device=args.device)
-    policy.gradient_checkpointing = args.grad_checkpoint
+    policy.gradient_checkpointing = args.gradient_checkpointing
     ref = load_model(path, dtype=dtype, device=args.device).requires_grad_(False).eval()
     if reward_fn is None:
         if args.reward_model is None:

@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -71,23 +72,14 @@ parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per
 parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (ignored with --max-steps)")
 parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
 parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
 parser.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent in linear warmup")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
 parser.add_argument("--margin", type=float, default=0.0, help="M: require r_c - r_r > M (2 soft_label - 1) (0 = no margin)")
-parser.add_argument("--soft-labels", action="store_true", help="train on the rows' soft_label (required field) instead of hard labels")
+parser.add_argument("--soft-labels", "--use-soft-labels", action="store_true", help="train on the rows' soft_label (required field) instead of hard labels")
 parser.add_argument("--extra-eval", nargs="*", default=[], help="preference files scored before and after training, never trained on (e.g. hand-labelled pairs)")
 parser.add_argument("--eval-every", type=int, default=0, help="evaluate on the held-out pairs every N steps (0 = before and after only)")
-parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-parser.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (0 = only at the end)")
-parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state if it exists")
-parser.add_argument("--seed", type=int, default=0, help="seed for the split, data order and head initialisation")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-parser.add_argument("--dtype", default="float32", help="dtype of the trained weights (bf16 autocast is used on CUDA)")
-parser.add_argument("--no-autocast", action="store_true", help="disable bf16 autocast on CUDA")
 parser.add_argument("--quiet", action="store_true", help="no progress bar")
-training.add_run_flags(parser)
+training.add_train_flags(parser)
+training.add_speed_flags(parser, bucket=False)
 
 
 # ----------------------------------------------------------------------------- data
@@ -292,8 +284,7 @@ def main(argv=None):
     optimizer = training.make_optimizer(rm, args.lr, args.weight_decay)
     params = [p for _, p in training.trainable_named_parameters(rm)]
     guard = training.DivergenceGuard(state_dir, math.log(2), args.max_loss_jump)
-    use_autocast = device.type == "cuda" and not args.no_autocast
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
+    autocast = partial(training.autocast, args.autocast, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     per_epoch = math.ceil(math.ceil(len(train) / args.batch_size) / args.grad_accum)
