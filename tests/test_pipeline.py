@@ -92,7 +92,8 @@ def test_pipeline_end_to_end_skip_and_resume(tiny_chat_model_dir, tmp_path, monk
 
     # A rerun skips every finished stage: no stage script runs again.
     for module in ("critique_revise", "sft", "label_preferences", "reward_model", "ppo", "dpo"):
-        monkeypatch.setattr(f"train.{module}.main", lambda *a, **k: pytest.fail("a finished stage ran again"))
+        for fn in ("main", "run"):
+            monkeypatch.setattr(f"train.{module}.{fn}", lambda *a, **k: pytest.fail("a finished stage ran again"))
     monkeypatch.setattr("minicai.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluation ran again"))
     run_tiny(tiny_chat_model_dir, out)
 

@@ -450,8 +450,8 @@ def check_args(args) -> None:
     resolve_device(args.device)
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """The script on parsed flags (parser.parse_args, or training.script_args from a typed config)."""
     if args.dtype == "auto":
         args.dtype = generation_dtype(args.device)
     check_args(args)
@@ -493,6 +493,10 @@ def main(argv=None):
           f"{sum(x['truncated'] for x in rounds)} prompts cut to fit --max-context; all runs so far: "
           f"{report['kept']} kept, {report['dropped']} dropped {report['dropped_by_reason']} ({report_path})")
     return kept
+
+
+def main(argv=None):
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -288,8 +288,8 @@ def load_data(args, tok) -> tuple:
     return train_pairs, eval_pairs
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """The script on parsed flags (parser.parse_args, or training.script_args from a typed config)."""
     training.check_flags(args, ge1="epochs batch_size max_prompt_tokens max_completion_tokens bucket_window",
                          pos="lr beta",
                          nonneg="save_every micro_batch_size warmup weight_decay grad_clip nll_weight stop_after lora_rank max_loss_jump",
@@ -369,6 +369,10 @@ def main(argv=None):
 def _fmt(e):
     return (f"loss {e['loss']:.4f} | reward acc {e['reward_accuracy']:.2f} | reward margin {e['reward_margin']:+.4f} "
             f"| logp margin {e['logp_margin']:+.2f}")
+
+
+def main(argv=None):
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

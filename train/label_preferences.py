@@ -507,9 +507,9 @@ def source_rows(source, rows, args) -> list:
     return rows
 
 
-def main(argv=None, classifier=None):
-    """classifier: an object with classify_many(rows) used instead of --classifier's (tests pass a stub)."""
-    args = parser.parse_args(argv)
+def run(args, classifier=None):
+    """The script on parsed flags; classifier: an object with classify_many(rows) used instead of
+    --classifier's (tests pass a stub)."""
     sources = check_args(args)
     labelled = load_labelled_pairs(args.agreement) if args.agreement else None  # checked before any work
     sampled = [s for s in sources if s != "revision"]
@@ -542,6 +542,10 @@ def main(argv=None, classifier=None):
               + (f"{agree['value']:.3f} [{agree['lo']:.3f}, {agree['hi']:.3f}] of {agree['n']}" if agree else
                  r.get("measured", "not measured")))
     return written
+
+
+def main(argv=None, classifier=None):
+    return run(parser.parse_args(argv), classifier)
 
 
 if __name__ == "__main__":

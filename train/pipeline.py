@@ -213,8 +213,13 @@ class Stages:
             self.stopped = True
         return record["outputs"]
 
-    def common(self, *flags) -> list:
-        return ["--seed", str(self.cfg.seed), "--device", self.device, "--dtype", self.dtype, *flags]
+    def common(self, parser, trainer=False, **fields) -> argparse.Namespace:
+        """A script's typed config (training.script_args): fields plus the seed and device, and the generation
+        dtype, or for a trainer --resume (trainers keep their float32 master weights)."""
+        from minicai.training import script_args
+
+        extra = {"resume": True} if trainer else {"dtype": self.dtype}
+        return script_args(parser, seed=self.cfg.seed, device=self.device, **extra, **fields)
 
 
 def interleaved(rows) -> list:
@@ -281,30 +286,26 @@ def stage_critique_revise(st, d, model, prompts_file):
 
     c = st.cfg
     out = os.path.join(d, "revisions.jsonl")
-    critique_revise.main(st.common("--model", model, "--prompts", prompts_file, "--out", out, "--mode", c.cr_mode,
-                                   "--gate", c.cr_gate, "--best-of", str(c.cr_best_of),
-                                   "--cut-sentences", str(c.cr_cut_sentences),
-                                   "--distill-principles", str(c.cr_distill_principles),
-                                   "--rounds", str(c.cr_rounds), "--n-fewshot", str(c.cr_fewshot),
-                                   "--max-new-tokens", str(c.cr_max_new_tokens),
-                                   "--batch-size", str(max(1, c.batch_size // c.cr_best_of)),
-                                   *(["--critic-model", c.feedback_model] if c.feedback_model else [])))
+    critique_revise.run(st.common(
+        critique_revise.parser, model=model, prompts=[prompts_file], out=out, mode=c.cr_mode, gate=c.cr_gate,
+        best_of=c.cr_best_of, cut_sentences=c.cr_cut_sentences, distill_principles=c.cr_distill_principles,
+        rounds=c.cr_rounds, n_fewshot=c.cr_fewshot, max_new_tokens=c.cr_max_new_tokens,
+        batch_size=max(1, c.batch_size // c.cr_best_of), critic_model=c.feedback_model or None))
     return {"revisions": out, "report": os.path.splitext(out)[0] + ".report.json"}
 
 
 def stage_helpful(st, d):
     """Helpful and look-alike (prompt, response) pairs from the base model (which complies with 98% of
     look-alikes), mixed into SFT so that it does not learn refusal alone."""
-    from minicai.cli import main as minicai_cli
+    from minicai import chat
 
     c = st.cfg
     src = write_rows(sft_mix_rows(c), os.path.join(d, "prompts.jsonl"))
     out = os.path.join(d, "responses.jsonl")
-    rc = minicai_cli(["generate", "--model", c.model, "--prompts", src, "--out", out, "--batch-size", str(c.batch_size),
-                      "--max-new-tokens", str(c.cr_max_new_tokens), "--seed", str(c.seed), "--device", st.device,
-                      "--dtype", st.dtype])
-    if rc:
-        raise RuntimeError(f"minicai generate failed on {src}")
+    generate = argparse.ArgumentParser()  # `minicai generate`'s flags (minicai.cli builds them the same way)
+    chat.add_args(generate, "generate")
+    chat.run_generate(st.common(generate, model=c.model, prompts=src, out=out,
+                                batch_size=c.batch_size, max_new_tokens=c.cr_max_new_tokens))
     return {"responses": out}
 
 
@@ -313,9 +314,8 @@ def stage_sft(st, d, model, data, mix):
 
     c = st.cfg
     out = os.path.join(d, "model")
-    sft.main(["--model", model, "--data", data, *(["--mix", mix] if mix else []), "--out", out,
-              "--run-dir", os.path.join(d, "run"), "--max-steps", str(c.sft_steps), "--batch-size", str(c.sft_batch_size),
-              "--lr", str(c.sft_lr), "--resume", "--seed", str(c.seed), "--device", st.device])
+    sft.run(st.common(sft.parser, trainer=True, model=model, data=[data], mix=[mix] if mix else [], out=out,
+                      run_dir=os.path.join(d, "run"), max_steps=c.sft_steps, batch_size=c.sft_batch_size, lr=c.sft_lr))
     return {"model": out, "loss_png": os.path.join(out, "loss.png"), "log": os.path.join(out, "train_log.jsonl")}
 
 
@@ -325,13 +325,12 @@ def stage_label(st, d, policy, revisions):
     c = st.cfg
     prompts = label_prompts(c, os.path.join(d, "prompts.jsonl"))
     out = os.path.join(d, "prefs.jsonl")
-    label_preferences.main(st.common("--model", policy, "--prompts", prompts, "--out", out, "--sources", c.pref_sources,
-                                     "--best-of", str(c.pref_best_of), "--classifier", c.eval_classifier,
-                                     "--contrastive-kinds", c.pref_contrastive_kinds,
-                                     "--max-new-tokens", str(c.label_max_new_tokens),
-                                     "--batch-size", str(max(1, c.batch_size // c.pref_best_of)),
-                                     *(["--revisions", revisions] if "revision" in c.pref_sources.split(",") else []),
-                                     *(["--feedback-model", c.feedback_model] if c.feedback_model else [])))
+    label_preferences.run(st.common(
+        label_preferences.parser, model=policy, prompts=[prompts], out=out, sources=c.pref_sources,
+        best_of=c.pref_best_of, classifier=c.eval_classifier, contrastive_kinds=c.pref_contrastive_kinds,
+        max_new_tokens=c.label_max_new_tokens,
+        batch_size=max(1, c.batch_size // c.pref_best_of), feedback_model=c.feedback_model or None,
+        revisions=revisions if "revision" in c.pref_sources.split(",") else None))
     return {"prefs": out, "report": os.path.splitext(out)[0] + ".report.json"}
 
 
@@ -340,9 +339,8 @@ def stage_reward_model(st, d, policy, prefs):
 
     c = st.cfg
     out = os.path.join(d, "model")
-    reward_model.main(["--model", policy, "--data", prefs, "--out", out, "--run-dir", os.path.join(d, "run"),
-                       "--max-steps", str(c.rm_steps), "--lr", str(c.rm_lr), "--resume", "--seed", str(c.seed),
-                       "--device", st.device])
+    reward_model.run(st.common(reward_model.parser, trainer=True, model=policy, data=[prefs], out=out,
+                               run_dir=os.path.join(d, "run"), max_steps=c.rm_steps, lr=c.rm_lr))
     return {"model": out}
 
 
@@ -350,14 +348,12 @@ def stage_ppo(st, d, policy, rm):
     from train import ppo
 
     c = st.cfg
-    ppo.main(["--model", policy, "--reward-model", rm, "--prompts", c.red_team_prompts, c.helpful_prompts,
-              c.lookalike_prompts, "--out", d, "--classifier-reward", str(c.ppo_classifier_reward),
-              "--classifier", c.eval_classifier,
-              "--steps", str(c.ppo_steps), "--batch-size", str(c.ppo_batch_size),
-              "--minibatch-size", str(max(1, c.ppo_batch_size // 2)), "--max-new-tokens", str(c.ppo_max_new_tokens),
-              "--lr", str(c.ppo_lr), "--kl-coef", str(c.ppo_kl_coef),
-              *(["--kl-target", str(c.ppo_kl_target)] if c.ppo_kl_target else []),
-              "--resume", "--seed", str(c.seed), "--device", st.device])
+    ppo.run(st.common(ppo.parser, trainer=True, model=policy, reward_model=rm, out=d,
+                      prompts=[c.red_team_prompts, c.helpful_prompts, c.lookalike_prompts],
+                      classifier_reward=c.ppo_classifier_reward, classifier=c.eval_classifier, steps=c.ppo_steps,
+                      batch_size=c.ppo_batch_size, minibatch_size=max(1, c.ppo_batch_size // 2),
+                      max_new_tokens=c.ppo_max_new_tokens, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
+                      kl_target=c.ppo_kl_target or None))
     return {"model": os.path.join(d, "final")}
 
 
@@ -365,8 +361,8 @@ def stage_dpo(st, d, policy, prefs):
     from train import dpo
 
     c = st.cfg
-    dpo.main(["--model", policy, "--data", prefs, "--out", d, "--epochs", str(c.dpo_epochs), "--lr", str(c.dpo_lr),
-              "--beta", str(c.dpo_beta), "--soft-labels", "--resume", "--seed", str(c.seed), "--device", st.device])
+    dpo.run(st.common(dpo.parser, trainer=True, model=policy, data=[prefs], out=d, epochs=c.dpo_epochs, lr=c.dpo_lr,
+                      beta=c.dpo_beta, soft_labels=True))
     return {"model": os.path.join(d, "final")}
 
 

@@ -274,9 +274,9 @@ def verdict_reward(score, tok, prompts, args):
                          args.classifier_reward)
 
 
-def main(argv=None, reward_fn=None):
-    """reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests pass a stub)."""
-    args = parser.parse_args(argv)
+def run(args, reward_fn=None):
+    """The script on parsed flags; reward_fn(input_ids, attention_mask) -> [B] replaces --reward-model (tests
+    pass a stub)."""
     training.check_flags(args, ge1="steps batch_size minibatch_size ppo_epochs max_new_tokens max_prompt_tokens",
                          pos="temperature lr vf_lr_mult kl_horizon", unit="min_lr_ratio gamma lam",
                          nonneg="save_every warmup weight_decay grad_clip cliprange cliprange_value vf_coef kl_coef kl_target "
@@ -351,6 +351,10 @@ def main(argv=None, reward_fn=None):
                         extra_files={"ppo_args.json": json.dumps(vars(args), indent=2)})
         print(f"ppo: saved {os.path.join(args.out, 'final')}")
     return rows
+
+
+def main(argv=None, reward_fn=None):
+    return run(parser.parse_args(argv), reward_fn)
 
 
 if __name__ == "__main__":

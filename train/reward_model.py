@@ -258,8 +258,8 @@ def finish(c) -> dict:
     return metrics
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """The script on parsed flags (parser.parse_args, or training.script_args from a typed config)."""
     training.check_flags(args, ge1="batch_size grad_accum max_len", pos="epochs lr", unit="min_lr_ratio",
                          nonneg="max_steps save_every eval_every weight_decay grad_clip margin max_loss_jump",
                          unit_open="warmup_ratio eval_frac")
@@ -320,6 +320,10 @@ def main(argv=None):
 
     guard.save(rm, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
     return finish(SimpleNamespace(**locals()))
+
+
+def main(argv=None):
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

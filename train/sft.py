@@ -157,8 +157,8 @@ def train_step(c, step):
     return step, position
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def run(args):
+    """The script on parsed flags (parser.parse_args, or training.script_args from a typed config)."""
     lora = args.lora_rank > 0
     if args.lr is None:
         args.lr = 2e-4 if lora else 2e-5
@@ -230,6 +230,10 @@ def main(argv=None):
         print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
               f"checkpoint in {args.out}, log and plot in {run_dir}")
     return rows
+
+
+def main(argv=None):
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
