@@ -1,5 +1,16 @@
 """Plumbing shared by every trainer (SFT, reward model, DPO, PPO): plain functions, no Trainer class.
 
+One skeleton, in the order a trainer calls it (each script keeps only its own math: a loss on a micro-batch
+and its metrics):
+    start_run(run_dir, args, ...) -> resuming     fresh vs --resume, --overwrite, args.json
+    resume_state(state_dir, model, opt, guard)    weights, AdamW, RNGs, guard; logs cut to the saved step
+    train_loop(step_fn, model, opt, guard, ...)   per step: lr_at + set_lr, step_fn(step, lr) -> log row (its
+                                                  math ends in clip_and_step: clip, DivergenceGuard, AdamW),
+                                                  log + progress, periodic and final save
+    finish_log(log_path, step, png)               the rows of saved steps, their plot
+The trainers' flags come from add_train_flags / add_speed_flags (one spelling each); the pipeline builds
+their typed configs with script_args.
+
 - AdamW (Loshchilov & Hutter, 2019, decoupled weight decay) with two parameter groups: matrices decay,
   vectors (biases, norm gains) do not, the usual GPT-2/nanoGPT split.
 - Learning rate: linear warmup to lr over `warmup` steps, then a half cosine down to lr * min_ratio at
@@ -41,17 +52,20 @@ import math
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from minicai.checkpoint import clean_stale, cpu_has_native_bf16, promote_dir, stage_dir, verify_file
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
-           "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args"]
+           "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args",
+           "resume_state", "clip_and_step", "train_loop", "finish_log"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -86,8 +100,9 @@ def lr_at(step, *, lr, warmup, total, min_ratio=0.1) -> float:
 
 
 def set_lr(optimizer, lr) -> None:
+    """lr on every parameter group, times the group's "lr_mult" where it has one (PPO's value head)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 class DivergenceError(FloatingPointError):
@@ -177,11 +192,19 @@ def check_flags(args, **kinds) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be {desc}, got {v}")
 
 
-def start_run(run_dir, args, logs=(), outputs=(), run_flag="--run-dir") -> bool:
+def start_run(run_dir, args, logs=(), outputs=(), run_flag="--run-dir", record_args=False) -> bool:
     """Call once every input has been read and validated. Returns True when resuming RUN_DIR/state (--resume
-    and a saved state there; the settings must match). Otherwise the run is fresh: an earlier run's state or
-    logs there, or an existing non-empty output, make it refuse unless --overwrite, which moves the state and
-    logs to RUN_DIR.previous. Stale *.partial-* folders of killed saves are removed."""
+    and a saved state there; with record_args the settings must match those in RUN_DIR/args.json, written
+    here). Otherwise the run is fresh: an earlier run's state or logs there, or an existing non-empty output,
+    make it refuse unless --overwrite, which moves the state and logs to RUN_DIR.previous. Stale *.partial-*
+    folders of killed saves are removed."""
+    resuming = _start_run(run_dir, args, logs, outputs, run_flag)
+    if record_args:
+        atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
+    return resuming
+
+
+def _start_run(run_dir, args, logs, outputs, run_flag) -> bool:
     for path in (run_dir, *outputs):
         check_output_path(path, "dir", run_flag if path == run_dir else "--out")
     state_dir = os.path.join(run_dir, "state")
@@ -311,6 +334,82 @@ def load_resume_state(state_dir, model, optimizer) -> dict:
     return meta
 
 
+# ----------------------------------------------------------------------------- the step loop
+
+def resume_state(state_dir, model, optimizer, guard, logs=(), same=None, name="train") -> tuple:
+    """Continue a run from state_dir: weights, optimizer, RNG and guard states, each log cut back to the saved
+    step. same: {key: value} the saved state's extra must hold (the same data). Returns (step, data position,
+    extra)."""
+    meta = load_resume_state(state_dir, model, optimizer)
+    guard.restore(meta)
+    step, extra = meta["step"], meta["extra"]
+    diff = {k: v for k, v in (same or {}).items() if extra.get(k) != v}
+    if diff:
+        raise ValueError(f"{state_dir}: the saved run had {', '.join(f'{k}={extra.get(k)}' for k in diff)}, the data "
+                         f"now gives {', '.join(f'{k}={v}' for k, v in diff.items())}: --resume needs the same data")
+    for path in logs:
+        truncate_log(path, step)
+    print(f"{name}: resumed from {state_dir} at step {step}")
+    return step, meta["data_position"], extra
+
+
+def clip_and_step(optimizer, step, loss, grad_clip=0.0, guard=None) -> float:
+    """The end of every optimizer step, after the backward: clip the global gradient norm to grad_clip (0 =
+    off), let the DivergenceGuard check the loss and the norm as step + 1 before the update, update, zero the
+    gradients. Returns the norm before clipping."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if guard is not None:
+        guard.check(step + 1, loss, norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def train_loop(step_fn, model, optimizer, guard, *, start, end, schedule, log_path, save_every, position=None,
+               extra=None, show=None, quiet=False) -> tuple:
+    """Optimizer steps start..end of every trainer. Each step: the learning rate lr_at(step, **schedule) (set_lr),
+    row, position = step_fn(step, lr) (the script's own math, ending in clip_and_step; position = the data
+    position after the step, or None), the row appended to log_path and shown (show(row): the progress bar's
+    postfix dict, or a line to print), the training state saved every save_every steps (staged until the next
+    step passes: DivergenceGuard). After the last: the state saved and promoted (--resume after the end is a
+    no-op). extra: the state's extra, a dict or a callable giving it. Returns (step, position)."""
+    state = extra if callable(extra) else (lambda: extra)
+    bar = tqdm(total=end, initial=start, unit="step", disable=quiet, dynamic_ncols=True)
+    step = start
+    with guard:
+        while step < end:
+            lr = lr_at(step, **schedule)
+            set_lr(optimizer, lr)
+            row, position = step_fn(step, lr)
+            step += 1
+            append_jsonl(log_path, row)
+            shown = show(row) if show else {}
+            if isinstance(shown, str):
+                bar.write(shown)
+                sys.stdout.flush()  # a log file sees each step as it ends
+            else:
+                bar.set_postfix(shown)
+            bar.update(1)
+            if save_every and step % save_every == 0 and step < end:
+                guard.save(model, optimizer, step, position, state())
+    bar.close()
+    guard.save(model, optimizer, step, position, state(), final=True)
+    return step, position
+
+
+def finish_log(log_path, step, png_path, keys=("loss",), title=None, last=None) -> list:
+    """The run's log rows up to `step` (rows of steps never saved are dropped), `last` merged into the final
+    row, and their plot. Returns the rows."""
+    rows = truncate_log(log_path, step)
+    if rows and last:
+        rows[-1].update(last)
+        atomic_write(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if rows:
+        plot_losses(rows, png_path, keys, title)
+    return rows
+
+
 # ----------------------------------------------------------------------------- logging
 
 def truncate_log(log_path, step) -> list:
@@ -401,6 +500,7 @@ def add_train_flags(parser, *, min_lr_ratio=0.1, save_every=50, loss_jump=True) 
     a("--seed", type=int, default=0, help="seed of the data split and order, initialisation and sampling")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     a("--dtype", default="float32", help="dtype of the trained (master) weights")
+    a("--quiet", action="store_true", help="no progress bar")
     a("--overwrite", action="store_true",
       help="start afresh over an earlier run in the same folder (its state and logs move to RUN_DIR.previous)")
     if loss_jump:  # PPO's loss has no scale to jump from

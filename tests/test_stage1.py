@@ -194,17 +194,17 @@ def test_sft_resume_reproduces_uninterrupted_run(tmp_path, tiny_chat_model_dir, 
     assert full[-1]["loss"] < full[0]["loss"]
 
     # die after step 5 is logged: the last saved state is step 4, so step 5 must be redone
-    real_append = sft.append_jsonl
+    real_append = training.append_jsonl  # the step loop's log writer
 
     def dying_append(path, row):
         real_append(path, row)
         if row["step"] == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft, "append_jsonl", dying_append)
+    monkeypatch.setattr(training, "append_jsonl", dying_append)
     with pytest.raises(KeyboardInterrupt):
         sft.main(sft_argv(tiny_chat_model_dir, data, tmp_path / "b", *extra))
-    monkeypatch.setattr(sft, "append_jsonl", real_append)
+    monkeypatch.setattr(training, "append_jsonl", real_append)
     assert not os.path.exists(tmp_path / "b")
     resumed = sft.main(sft_argv(tiny_chat_model_dir, data, tmp_path / "b", *extra, "--resume"))
 

@@ -44,10 +44,8 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
 from minicai import training
 from minicai.checkpoint import resolve_device
@@ -77,7 +75,6 @@ parser.add_argument("--margin", type=float, default=0.0, help="M: require r_c - 
 parser.add_argument("--soft-labels", "--use-soft-labels", action="store_true", help="train on the rows' soft_label (required field) instead of hard labels")
 parser.add_argument("--extra-eval", nargs="*", default=[], help="preference files scored before and after training, never trained on (e.g. hand-labelled pairs)")
 parser.add_argument("--eval-every", type=int, default=0, help="evaluate on the held-out pairs every N steps (0 = before and after only)")
-parser.add_argument("--quiet", action="store_true", help="no progress bar")
 training.add_train_flags(parser)
 training.add_speed_flags(parser, bucket=False)
 
@@ -162,91 +159,36 @@ def load_data(args, tokenizer) -> tuple:
     return train, held
 
 
-def held_out_by_source(rm, held, args, pad_id, autocast) -> dict:
-    """Held-out metrics per pair source when the pairs mix sources (label_preferences --sources), else {}."""
-    sources = sorted({e["source"] for e in held})
-    out = {s: evaluate(rm, [e for e in held if e["source"] == s], args.batch_size, pad_id, args.padding, autocast)
-           for s in sources} if len(sources) > 1 else {}
-    for s, m in out.items():
-        print(f"reward_model: held-out after, source {s or '(none)'}: {describe(m)}")
-    return out
-
-
 def describe(m) -> str:
     return (f"accuracy {m['accuracy']:.3f} (chance 0.5, n={m['n']}), loss {m['loss']:.4f}, margin {m['margin']:+.3f}, "
             f"chosen {m['chosen_mean']:+.3f}±{m['chosen_std']:.3f}, rejected {m['rejected_mean']:+.3f}±{m['rejected_std']:.3f}")
 
 
-# ----------------------------------------------------------------------------- training
-
-def train_loop(c, step, position) -> tuple:
-    """The guarded training loop; c holds main's locals. Returns (step, data position) at the end."""
-    with c.guard:
-        while step < c.total:
-            lr = training.lr_at(step, lr=c.args.lr, warmup=c.warmup, total=c.total, min_ratio=c.args.min_lr_ratio)
-            training.set_lr(c.optimizer, lr)
-            micro = []
-            for _ in range(c.args.grad_accum):
-                idx, position = next(c.batches)
-                micro.append([c.train[i] for i in idx])
-            n_pairs = sum(map(len, micro))
-            loss_value = correct = margin_sum = 0.0
-            for mb in micro:
-                rc, rr = pair_rewards(c.rm, mb, c.pad_id, c.args.padding, c.autocast)
-                margin, soft = pair_targets(mb, c.args.margin, c.args.soft_labels, c.device)
-                loss, metrics = bradley_terry_loss(rc, rr, margin=margin, soft_labels=soft)
-                loss = loss * (len(mb) / n_pairs)  # the step's loss is the mean over all its pairs
-                loss.backward()
-                loss_value += loss.item()
-                correct += float(metrics["accuracy"]) * len(mb)
-                margin_sum += float(metrics["reward_margin"]) * len(mb)
-            grad_norm = torch.nn.utils.clip_grad_norm_(c.params, c.args.grad_clip if c.args.grad_clip > 0 else float("inf"))
-            c.guard.check(step + 1, loss_value, grad_norm)
-            c.optimizer.step()
-            c.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            row = {"step": step, "loss": loss_value, "accuracy": correct / n_pairs, "margin": margin_sum / n_pairs,
-                   "lr": lr, "grad_norm": float(grad_norm), "pairs": n_pairs,
-                   "epoch": position["epoch"] + position["batch"] / math.ceil(len(c.train) / c.args.batch_size),
-                   "elapsed_s": round(time.time() - c.t0, 3)}
-            if c.held and c.args.eval_every and step % c.args.eval_every == 0 and step < c.total:
-                row.update({f"eval_{k}": v for k, v in evaluate(c.rm, c.held, c.args.batch_size, c.pad_id, c.args.padding, c.autocast).items()})
-            append_jsonl(c.log_path, row)
-            c.bar.update(1)
-            c.bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{row['accuracy']:.2f}")
-            if c.args.save_every and step % c.args.save_every == 0 and step < c.total:
-                c.guard.save(c.rm, c.optimizer, step, position, c.extra)
-    return step, position
+def scores_before(score, held, extra_sets, log_path) -> tuple:
+    """Held-out metrics (logged as step 0) and --extra-eval metrics before any update."""
+    before = score(held) if held else None
+    if before:
+        print(f"reward_model: held-out before training: {describe(before)}")
+        append_jsonl(log_path, {"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
+    extra_before = {p: score(ex) for p, ex in extra_sets.items()}
+    for p, m in extra_before.items():
+        print(f"reward_model: {p} before training: {describe(m)}")
+    return before, extra_before
 
 
-def finish(c) -> dict:
-    """Held-out and training metrics after training, the saved model with its metrics, log and plot; c holds
-    main's locals."""
-    rm, held, args, pad_id, autocast, step = c.rm, c.held, c.args, c.pad_id, c.autocast, c.step
-    log_path, png_path, train, extra_sets, tokenizer = c.log_path, c.png_path, c.train, c.extra_sets, c.tokenizer
-    before, extra_before, run_dir = c.before, c.extra_before, c.run_dir
-    rm.eval()
-    after = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
-    rows = training.truncate_log(log_path, step)
-    if after:
-        rows[-1].update({f"eval_{k}": v for k, v in after.items()})
-        atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-    training.plot_losses(rows, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
-                         title=f"reward model ({os.path.basename(args.out.rstrip('/'))})")
-    train_eval = evaluate(rm, train, args.batch_size, pad_id, args.padding, autocast)
-    by_source = held_out_by_source(rm, held, args, pad_id, autocast)
+def scores_after(score, train, held, extra_sets, before, extra_before, step) -> dict:
+    """reward_metrics.json: held-out before / after (per pair source when they mix, label_preferences
+    --sources), the training pairs after, --extra-eval before / after; printed."""
+    after = score(held) if held else None
+    sources = sorted({e["source"] for e in held})
+    by_source = {s: score([e for e in held if e["source"] == s]) for s in sources} if len(sources) > 1 else {}
     metrics = {"held_out_before": before, "held_out_after": after, "held_out_after_by_source": by_source,
-               "train_after": train_eval, "steps": step,
-               "n_train": len(train), "n_eval": len(held), "chance_accuracy": 0.5,
-               "extra_eval": {p: {"before": (extra_before or {}).get(p),
-                                  "after": evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast)}
-                              for p, ex in extra_sets.items()}}
-    save_reward_model(rm, tokenizer, args.out, extra_files={
-        "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
-        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
-    with open(png_path, "rb") as f:
-        atomic_write(os.path.join(args.out, "loss.png"), f.read())
-    print(f"reward_model: {step} steps; training pairs after: {describe(train_eval)}")
+               "train_after": score(train), "steps": step, "n_train": len(train), "n_eval": len(held),
+               "chance_accuracy": 0.5, "extra_eval": {p: {"before": (extra_before or {}).get(p), "after": score(ex)}
+                                                      for p, ex in extra_sets.items()}}
+    for s, m in by_source.items():
+        print(f"reward_model: held-out after, source {s or '(none)'}: {describe(m)}")
+    print(f"reward_model: {step} steps; training pairs after: {describe(metrics['train_after'])}")
     if after:
         print(f"reward_model: held-out before: {describe(before)}")
         print(f"reward_model: held-out after:  {describe(after)}")
@@ -254,8 +196,28 @@ def finish(c) -> dict:
         if m["before"]:
             print(f"reward_model: {p} before: {describe(m['before'])}")
         print(f"reward_model: {p} after:  {describe(m['after'])}")
-    print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
     return metrics
+
+
+# ----------------------------------------------------------------------------- training
+
+def rm_step(rm, optimizer, micro, pad_id, args, step, guard=None, autocast=nullcontext) -> dict:
+    """One optimizer step on `micro` (lists of encoded pairs): the Bradley-Terry loss (--margin, --soft-labels)
+    averaged over every pair of the step, then training.clip_and_step. Returns the step's metrics."""
+    n_pairs = sum(map(len, micro))
+    loss_value = correct = margin_sum = 0.0
+    for mb in micro:
+        rc, rr = pair_rewards(rm, mb, pad_id, args.padding, autocast)
+        margin, soft = pair_targets(mb, args.margin, args.soft_labels, rc.device)
+        loss, metrics = bradley_terry_loss(rc, rr, margin=margin, soft_labels=soft)
+        loss = loss * (len(mb) / n_pairs)  # the step's loss is the mean over all its pairs
+        loss.backward()
+        loss_value += loss.item()
+        correct += float(metrics["accuracy"]) * len(mb)
+        margin_sum += float(metrics["reward_margin"]) * len(mb)
+    grad_norm = training.clip_and_step(optimizer, step, loss_value, args.grad_clip, guard)
+    return {"loss": loss_value, "accuracy": correct / n_pairs, "margin": margin_sum / n_pairs, "grad_norm": grad_norm,
+            "pairs": n_pairs}
 
 
 def run(args):
@@ -270,56 +232,63 @@ def run(args):
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{args.model}: the tokenizer has no eos_token (the reward is read at the EOS)")
     train, held = load_data(args, tokenizer)
-    extra_sets = {}
-    for path in args.extra_eval:
-        extra_sets[path] = encode_pairs(tokenizer, read_pairs(path)[0], args.max_len)[0]
-        if not extra_sets[path]:
-            raise ValueError(f"{path}: no usable pairs for --extra-eval")
-    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
+    extra_sets = {path: encode_pairs(tokenizer, read_pairs(path)[0], args.max_len)[0] for path in args.extra_eval}
+    for path in (p for p, ex in extra_sets.items() if not ex):
+        raise ValueError(f"{path}: no usable pairs for --extra-eval")
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,),
+                                  record_args=True)
     torch.manual_seed(args.seed)  # the head's initialisation
     rm = load_reward_model(args.model, dtype=args.dtype, device=device, init_from_lm=True)
     rm.trunk.gradient_checkpointing = args.gradient_checkpointing
     rm.train()
     optimizer = training.make_optimizer(rm, args.lr, args.weight_decay)
-    params = [p for _, p in training.trainable_named_parameters(rm)]
     guard = training.DivergenceGuard(state_dir, math.log(2), args.max_loss_jump)
     autocast = partial(training.autocast, args.autocast, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    score = lambda examples: evaluate(rm, examples, args.batch_size, pad_id, args.padding, autocast)
 
     per_epoch = math.ceil(math.ceil(len(train) / args.batch_size) / args.grad_accum)
     total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
-    warmup = int(args.warmup_ratio * total)
     step, position = 0, {"epoch": 0, "batch": 0}
     if resuming:
-        meta = training.load_resume_state(state_dir, rm, optimizer)
-        step, position, extra = meta["step"], meta["data_position"], meta["extra"]
-        guard.restore(meta)
-        if extra.get("n_train") != len(train) or extra.get("n_eval") != len(held):
-            raise ValueError(f"{state_dir}: the saved run had {extra.get('n_train')} training / {extra.get('n_eval')} "
-                             f"held-out pairs, the data now gives {len(train)} / {len(held)}: --resume needs the same data")
-        before, extra_before = extra.get("before"), extra.get("extra_before")
-        training.truncate_log(log_path, step)
-        print(f"reward_model: resumed from {state_dir} at step {step}/{total}")
+        step, position, saved = training.resume_state(state_dir, rm, optimizer, guard, [log_path],
+                                                      {"n_train": len(train), "n_eval": len(held)}, "reward_model")
+        before, extra_before = saved.get("before"), saved.get("extra_before")
     else:
-        before = evaluate(rm, held, args.batch_size, pad_id, args.padding, autocast) if held else None
-        if before:
-            print(f"reward_model: held-out before training: {describe(before)}")
-            append_jsonl(log_path, {"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
-        extra_before = {p: evaluate(rm, ex, args.batch_size, pad_id, args.padding, autocast) for p, ex in extra_sets.items()}
-        for p, m in extra_before.items():
-            print(f"reward_model: {p} before training: {describe(m)}")
-    extra = {"n_train": len(train), "n_eval": len(held), "total_steps": total, "before": before,
-             "extra_before": extra_before}
-
+        before, extra_before = scores_before(score, held, extra_sets, log_path)
     batches = training.micro_batches(len(train), args.batch_size, args.seed, position)
-    bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
     t0 = time.time()
-    step, position = train_loop(SimpleNamespace(**locals()), step, position)
-    bar.close()
 
-    guard.save(rm, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
-    return finish(SimpleNamespace(**locals()))
+    def one_step(step, lr):  # the next grad-accum micro-batches of pairs, rm_step, the log row
+        micro = []
+        for _ in range(args.grad_accum):
+            idx, position = next(batches)
+            micro.append([train[i] for i in idx])
+        m = rm_step(rm, optimizer, micro, pad_id, args, step, guard, autocast)
+        row = {"step": step + 1, "loss": m["loss"], "accuracy": m["accuracy"], "margin": m["margin"], "lr": lr,
+               "grad_norm": m["grad_norm"], "pairs": m["pairs"], "elapsed_s": round(time.time() - t0, 3),
+               "epoch": position["epoch"] + position["batch"] / math.ceil(len(train) / args.batch_size)}
+        if held and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            row.update({f"eval_{k}": v for k, v in score(held).items()})
+        return row, position
+
+    step, position = training.train_loop(
+        one_step, rm, optimizer, guard, start=step, end=total, position=position, log_path=log_path,
+        schedule=dict(lr=args.lr, warmup=int(args.warmup_ratio * total), total=total, min_ratio=args.min_lr_ratio),
+        save_every=args.save_every, quiet=args.quiet, show=lambda r: {"loss": f"{r['loss']:.4f}", "acc": f"{r['accuracy']:.2f}"},
+        extra={"n_train": len(train), "n_eval": len(held), "total_steps": total, "before": before, "extra_before": extra_before})
+    rm.eval()
+    metrics = scores_after(score, train, held, extra_sets, before, extra_before, step)
+    rows = training.finish_log(log_path, step, png_path, keys=("loss", "eval_loss", "accuracy", "eval_accuracy"),
+                               title=f"reward model ({os.path.basename(args.out.rstrip('/'))})",
+                               last={f"eval_{k}": v for k, v in (metrics["held_out_after"] or {}).items()})
+    save_reward_model(rm, tokenizer, args.out, extra_files={
+        "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
+        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
+    with open(png_path, "rb") as f:
+        atomic_write(os.path.join(args.out, "loss.png"), f.read())
+    print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
+    return metrics
 
 
 def main(argv=None):

@@ -37,13 +37,11 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
 from minicai.checkpoint import resolve_device, save_pretrained
-from minicai.io import append_jsonl, atomic_write
+from minicai.io import atomic_write
 from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
 from minicai.pretrained import load_pretrained
@@ -75,7 +73,6 @@ parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0 = f
 parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/r)")
 parser.add_argument("--lora-targets", default="q,k,v,o", help="comma-separated linear layer names to adapt")
 parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-parser.add_argument("--quiet", action="store_true", help="no progress bar")
 training.add_train_flags(parser)
 training.add_speed_flags(parser)
 
@@ -109,15 +106,9 @@ def sft_step(model, optimizer, micro, pad_id, *, grad_clip=1.0, autocast=nullcon
         with training.autocast("off", device):  # the fused log-prob backward stays fp32 under an outer autocast
             loss.backward()
         loss_sum += loss.detach()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    loss_value = float(loss_sum)
-    if guard is not None:
-        guard.check(step + 1, loss_value, grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = training.clip_and_step(optimizer, step, loss_sum, grad_clip, guard)
     padded = sum(b["input_ids"].numel() for b in batches)
-    return {"loss": loss_value, "grad_norm": float(grad_norm), "tokens": n_tokens, "real_tokens": n_real,
+    return {"loss": float(loss_sum), "grad_norm": grad_norm, "tokens": n_tokens, "real_tokens": n_real,
             "padding": 1 - n_real / padded}
 
 
@@ -129,32 +120,6 @@ def load_data(args, tokenizer, rows):
         raise ValueError(f"{', '.join([*args.data, *args.mix])}: no training examples (the file(s) have no rows, "
                          f"or all were skipped as empty or over-long)")
     return examples
-
-
-def train_step(c, step):
-    """One optimizer step (grad-accum micro-batches), guarded, logged and checkpointed; c holds the run's
-    objects (main's locals). Returns (step, data position)."""
-    args, examples = c.args, c.examples
-    lr = training.lr_at(step, lr=args.lr, warmup=c.warmup, total=c.total, min_ratio=args.min_lr_ratio)
-    training.set_lr(c.optimizer, lr)
-    micro = []
-    for _ in range(args.grad_accum):
-        idx, position = next(c.batches)
-        micro.append([examples[i] for i in idx])
-    t0 = time.perf_counter()
-    m = sft_step(c.model, c.optimizer, micro, c.pad_id, grad_clip=args.grad_clip, autocast=c.autocast,
-                 guard=c.guard, step=step)
-    step += 1
-    row = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"],
-           "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
-           "tok_s": round(m["real_tokens"] / (time.perf_counter() - t0), 1), "padding": round(m["padding"], 4),
-           "peak_mem_mb": round(peak_memory_mb(c.device)), "elapsed_s": round(time.time() - c.t0, 3)}
-    append_jsonl(c.log_path, row)
-    c.bar.update(1)
-    c.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_s']:.0f}")
-    if args.save_every and step % args.save_every == 0 and step < c.total:
-        c.guard.save(c.model, c.optimizer, step, position, c.extra)
-    return step, position
 
 
 def run(args):
@@ -172,8 +137,8 @@ def run(args):
     torch.manual_seed(args.seed)  # LoRA's A initialisation
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
     examples = load_data(args, tokenizer, rows)
-    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
-    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,),
+                                  record_args=True)
     if lora:
         wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
                              dropout=args.lora_dropout)
@@ -183,52 +148,47 @@ def run(args):
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = training.make_optimizer(model, args.lr, args.weight_decay)
-    params = [p for _, p in training.trainable_named_parameters(model)]
     guard = training.DivergenceGuard(state_dir, math.log(model.config.vocab_size), args.max_loss_jump)
-
     per_epoch = math.ceil(math.ceil(len(examples) / args.batch_size) / args.grad_accum)
     total = args.max_steps or max(1, math.ceil(per_epoch * args.epochs))
-    warmup = int(args.warmup_ratio * total)
     step, position = 0, {"epoch": 0, "batch": 0}
-    extra = {"n_examples": len(examples), "total_steps": total}
     if resuming:
-        meta = training.load_resume_state(state_dir, model, optimizer)
-        step, position = meta["step"], meta["data_position"]
-        guard.restore(meta)
-        if meta["extra"].get("n_examples") != len(examples):
-            raise ValueError(f"{state_dir}: the saved run had {meta['extra'].get('n_examples')} examples, the data "
-                             f"now gives {len(examples)}: --resume needs the same data")
-        training.truncate_log(log_path, step)
-        print(f"sft: resumed from {state_dir} at step {step}/{total}")
+        step, position, _ = training.resume_state(state_dir, model, optimizer, guard, [log_path],
+                                                  {"n_examples": len(examples)}, "sft")
     autocast = partial(training.autocast, args.autocast, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     batches = training.micro_batches(len(examples), args.batch_size, args.seed, position,
                                      lengths=[len(e["input_ids"]) for e in examples], window=args.bucket_window)
-    bar = tqdm(total=total, initial=step, unit="step", disable=args.quiet, dynamic_ncols=True)
-    load_mb = peak_memory_mb(device)
+    load_mb, t0 = peak_memory_mb(device), time.time()
     reset_peak_memory(device)
-    t0 = time.time()
-    with guard:
-        while step < total:
-            step, position = train_step(SimpleNamespace(**locals()), step)
-    bar.close()
-    print(f"sft: peak memory {load_mb:.0f} MB loading, {peak_memory_mb(device):.0f} MB training")
 
-    guard.save(model, optimizer, step, position, extra, final=True)  # --resume after the end is a no-op
-    rows = training.truncate_log(log_path, step)
-    training.plot_losses(rows, png_path, title=f"SFT loss ({os.path.basename(args.out.rstrip('/'))})")
+    def one_step(step, lr):  # the next grad-accum micro-batches of the data order, sft_step, the log row
+        micro = []
+        for _ in range(args.grad_accum):
+            idx, position = next(batches)
+            micro.append([examples[i] for i in idx])
+        t = time.perf_counter()
+        m = sft_step(model, optimizer, micro, pad_id, grad_clip=args.grad_clip, autocast=autocast, guard=guard, step=step)
+        return {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"],
+                "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
+                "tok_s": round(m["real_tokens"] / (time.perf_counter() - t), 1), "padding": round(m["padding"], 4),
+                "peak_mem_mb": round(peak_memory_mb(device)), "elapsed_s": round(time.time() - t0, 3)}, position
+
+    step, position = training.train_loop(
+        one_step, model, optimizer, guard, start=step, end=total, position=position, log_path=log_path,
+        schedule=dict(lr=args.lr, warmup=int(args.warmup_ratio * total), total=total, min_ratio=args.min_lr_ratio),
+        save_every=args.save_every, extra={"n_examples": len(examples), "total_steps": total}, quiet=args.quiet,
+        show=lambda r: {"loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok_s": f"{r['tok_s']:.0f}"})
+    print(f"sft: peak memory {load_mb:.0f} MB loading, {peak_memory_mb(device):.0f} MB training")
+    rows = training.finish_log(log_path, step, png_path, title=f"SFT loss ({os.path.basename(args.out.rstrip('/'))})")
     if lora:
         merge_lora(model)
-    model.eval()
-    log_text = "".join(json.dumps(r) + "\n" for r in rows)
-    save_pretrained(model, tokenizer, args.out,
-                    extra_files={"train_log.jsonl": log_text, "training_args.json": json.dumps(vars(args), indent=2)})
+    save_pretrained(model.eval(), tokenizer, args.out, extra_files={
+        "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "training_args.json": json.dumps(vars(args), indent=2)})
     with open(png_path, "rb") as f:
         atomic_write(os.path.join(args.out, "loss.png"), f.read())
-    if rows:
-        print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
-              f"checkpoint in {args.out}, log and plot in {run_dir}")
+    print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
+          f"checkpoint in {args.out}, log and plot in {run_dir}")
     return rows
 
 
