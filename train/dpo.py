@@ -47,21 +47,19 @@ import random
 import sys
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save
 
 from minicai import training
 from minicai.checkpoint import resolve_device, save_pretrained
-from minicai.io import append_jsonl, atomic_write, read_jsonl
+from minicai.io import atomic_write
 from minicai.losses import dpo_loss
 from minicai.preferences import encode_pair, read_pairs, split_by_prompt
 from minicai.pretrained import load_model, resolve_path
 from minicai.rl import completion_logprobs, peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, collate
 from minicai.tokenizer import load_tokenizer
-from minicai.training import load_resume_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
@@ -237,39 +235,24 @@ def train_step(model, opt, pairs, ref, rows, pad_id, args, step, guard=None) -> 
                     "chosen_logp": c.sum() / n_pairs, "rejected_logp": r.sum() / n_pairs}
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v.detach()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    if guard is not None:
-        guard.check(step + 1, sums["loss"], gnorm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    out = {k: float(v) for k, v in sums.items()}
-    out["grad_norm"] = float(gnorm)
-    return out
+    grad_norm = training.clip_and_step(opt, step, sums["loss"], args.grad_clip, guard)
+    return {**{k: float(v) for k, v in sums.items()}, "grad_norm": grad_norm}
 
 
-def train_loop(c):
-    """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
-    with c.guard:
-        for step in range(c.start, c.end):
-            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.total, min_ratio=c.args.min_lr_ratio)
-            for g in c.opt.param_groups:
-                g["lr"] = lr
-            rows = batch_rows(len(c.train_pairs), c.args.batch_size, c.args.seed, step, c.steps_per_epoch,
-                              c.lengths, c.args.bucket_window)
-            t0 = time.perf_counter()
-            m = train_step(c.model, c.opt, c.train_pairs, c.ref["train"], rows, c.pad_id, c.args, step, c.guard)
-            dt = time.perf_counter() - t0
-            n_tok = sum(len(c.train_pairs[i][k]) + len(c.train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
-            m.update(step=step + 1, epoch=step / c.steps_per_epoch, lr=lr, tok_s=n_tok / max(dt, 1e-9),
-                     peak_mem_mb=peak_memory_mb(c.args.device))
-            append_jsonl(c.log_path, m)
-            print(f"step {step + 1:4d}/{c.total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
-                  f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
-                  f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB",
-                  flush=True)
-            if (c.args.save_every and (step + 1) % c.args.save_every == 0) or step + 1 == c.end:
-                c.guard.save(c.model, c.opt, step + 1, final=step + 1 == c.end)
+def load_policy(path, args):
+    """The policy to train (= the reference before any update), with LoRA adapters under --lora-rank."""
+    model = load_model(path, dtype=getattr(torch, args.dtype), device=args.device)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    if args.lora_rank:
+        from minicai.lora import apply_lora
+        apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)
+    return model
+
+
+def show(m, total) -> str:
+    return (f"step {m['step']:4d}/{total} | loss {m['loss']:.4f} | acc {m['reward_accuracy']:.2f} | margin "
+            f"{m['reward_margin']:+.4f} (c {m['chosen_reward']:+.4f}, r {m['rejected_reward']:+.4f}) | logp c "
+            f"{m['chosen_logp']:.1f} r {m['rejected_logp']:.1f} | {m['tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB")
 
 
 def load_data(args, tok) -> tuple:
@@ -310,47 +293,43 @@ def run(args):
     guard = training.DivergenceGuard(state_dir, math.log(2) if args.loss == "sigmoid" and not args.nll_weight else None,
                                      args.max_loss_jump)
 
-    model = load_model(path, dtype=getattr(torch, args.dtype), device=args.device)
-    model.gradient_checkpointing = args.gradient_checkpointing
-    if args.lora_rank:
-        from minicai.lora import apply_lora
-        apply_lora(model, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha)
-
+    model = load_policy(path, args)
     peaks = {"load": peak_memory_mb(args.device)}
     reset_peak_memory(args.device)
     ref = cached_reference(model, train_pairs, eval_pairs, pad_id, args, path)
     peaks["reference"] = peak_memory_mb(args.device)
     lengths = [pair_length(p) for p in train_pairs]
 
-    opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
+    opt = training.make_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total = args.epochs * steps_per_epoch
-    start = 0
-    if resuming:
-        meta = load_resume_state(state_dir, model, opt)
-        start = meta["step"]
-        guard.restore(meta)
-        truncate_log(log_path, start)
-        print(f"dpo: resumed from {state_dir} at step {start}")
-    else:
-        before = evaluate(model, eval_pairs, ref["eval"], pad_id, args)
-        atomic_write(os.path.join(args.out, "eval_before.json"), json.dumps(before, indent=2))
+    start = training.resume_state(state_dir, model, opt, guard, [log_path], name="dpo")[0] if resuming else 0
+    if not resuming:  # what --resume reads back
+        atomic_write(os.path.join(args.out, "eval_before.json"),
+                     json.dumps(evaluate(model, eval_pairs, ref["eval"], pad_id, args), indent=2))
+    with open(os.path.join(args.out, "eval_before.json"), encoding="utf-8") as f:
+        before = json.load(f)
     if eval_pairs:
-        with open(os.path.join(args.out, "eval_before.json"), encoding="utf-8") as f:
-            before = json.load(f)
         print(f"dpo: held-out ({len(eval_pairs)} pairs) before: " + _fmt(before))
+
+    def one_step(step, lr):  # the pairs of this step (batch_rows), train_step, the log row
+        rows = batch_rows(len(train_pairs), args.batch_size, args.seed, step, steps_per_epoch, lengths, args.bucket_window)
+        t0 = time.perf_counter()
+        m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step, guard)
+        n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
+        return {**m, "step": step + 1, "epoch": step / steps_per_epoch, "lr": lr,
+                "tok_s": n_tok / max(time.perf_counter() - t0, 1e-9), "peak_mem_mb": peak_memory_mb(args.device)}, None
 
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
     reset_peak_memory(args.device)
-    train_loop(SimpleNamespace(**locals()))
+    step, _ = training.train_loop(one_step, model, opt, guard, start=start, end=end, log_path=log_path, show=partial(show, total=total),
+                                  schedule=dict(lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.min_lr_ratio),
+                                  save_every=args.save_every, quiet=args.quiet)
     peaks["train"] = peak_memory_mb(args.device)
     print("dpo: peak memory " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
-
-    rows = read_jsonl(log_path) if os.path.exists(log_path) else []
-    if rows:
-        plot_losses(rows, os.path.join(args.out, "curves.png"), keys=("loss", "reward_margin", "reward_accuracy"),
-                    title=f"DPO ({args.loss})")
+    rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"),
+                               keys=("loss", "reward_margin", "reward_accuracy"), title=f"DPO ({args.loss})")
     if end < total:
         return rows
     after = evaluate(model, eval_pairs, ref["eval"], pad_id, args)
