@@ -31,7 +31,6 @@ import os
 import random
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -39,14 +38,13 @@ import torch.nn as nn
 from minicai import generate
 from minicai import training
 from minicai.checkpoint import resolve_device, save_pretrained
-from minicai.io import append_jsonl, read_jsonl
+from minicai.io import append_jsonl
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.pretrained import load_model, resolve_path
 from minicai.prompts import read_prompts
 from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer
-from minicai.training import load_resume_state, lr_at, make_optimizer, plot_losses, truncate_log
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="default", help="initial policy and reference (the SL-CAI / SFT checkpoint)")
@@ -145,14 +143,9 @@ def ppo_epochs(step, policy, value_head, opt, batch, plan, old, args, guard) -> 
                     raise RuntimeError(f"step {step}: PPO ratio != 1 before any update (max |log ratio| = "
                                        f"{float(gap):.3g}); the old log-probs must come from the same forward")
             loss = pl + args.vf_coef * vl
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for g in opt.param_groups for p in g["params"]]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            guard.check(step + 1, loss.detach(), gnorm)
-            opt.step()
-            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm.detach(),
-                          **pm, **vm})
+            gnorm = training.clip_and_step(opt, step, loss.detach(), args.grad_clip, guard)
+            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "grad_norm": gnorm, **pm, **vm})
     return stats
 
 
@@ -194,7 +187,6 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
 
     # ---- PPO epochs
     stats = ppo_epochs(step, policy, value_head, opt, batch, plan, (old_logp, old_values, adv, returns), args, guard)
-    opt.zero_grad(set_to_none=True)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
     t_update = time.perf_counter() - t0
@@ -205,7 +197,7 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     kl_coef = kl_ctl.value
     kl_ctl.update(float(seq_kl), B)
     n_tokens = int(batch["attention_mask"].sum())
-    mean = lambda key: float(torch.stack([s[key] for s in stats]).mean())
+    mean = lambda key: float(torch.tensor([float(s[key]) for s in stats]).mean())
     metrics = {
         "step": step + 1, "reward": float(score.mean()), "reward_std": float(score.std()) if B > 1 else 0.0,
         "shaped_score": float(shaped_score.mean()), "kl": float(seq_kl),
@@ -230,28 +222,11 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
     return metrics, samples
 
 
-def train_loop(c):
-    """Steps start..end, guarded, logged and checkpointed; c holds main's locals."""
-    with c.guard:
-        for step in range(c.start, c.end):
-            lr = lr_at(step, lr=c.args.lr, warmup=c.args.warmup, total=c.args.steps, min_ratio=c.args.min_lr_ratio)
-            for g in c.opt.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
-            metrics, samples = ppo_step(step, c.policy, c.value_head, c.ref, c.reward_fn, c.opt, c.kl_ctl, c.prompts,
-                                        c.tok, c.args, c.guard)
-            append_jsonl(c.log_path, metrics)
-            print(f"step {metrics['step']:4d} | reward {metrics['reward']:+.3f} | kl {metrics['kl']:.4f} "
-                  f"(beta {metrics['kl_coef']:.4f}) | ent {metrics['entropy']:.2f} | clip {metrics['clip_fraction']:.3f} "
-                  f"| approx_kl {metrics['approx_kl']:.2e} | pl {metrics['policy_loss']:+.4f} vl {metrics['value_loss']:.4f} "
-                  f"| ev {metrics['explained_variance']:+.2f} | len {metrics['response_length']:.1f} "
-                  f"| {metrics['rollout_tok_s']:.0f}/{metrics['update_tok_s']:.0f} tok/s | {metrics['peak_mem_mb']:.0f} MB",
-                  flush=True)
-            if c.args.sample_every and (step + 1) % c.args.sample_every == 0:
-                for s in samples:
-                    append_jsonl(c.samples_path, s)
-                    print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
-            if (c.args.save_every and (step + 1) % c.args.save_every == 0) or step + 1 == c.end:
-                c.guard.save(c.trainable, c.opt, step + 1, extra={"kl_coef": c.kl_ctl.value}, final=step + 1 == c.end)
+def show(m) -> str:
+    return (f"step {m['step']:4d} | reward {m['reward']:+.3f} | kl {m['kl']:.4f} (beta {m['kl_coef']:.4f}) | ent "
+            f"{m['entropy']:.2f} | clip {m['clip_fraction']:.3f} | approx_kl {m['approx_kl']:.2e} | pl {m['policy_loss']:+.4f} "
+            f"vl {m['value_loss']:.4f} | ev {m['explained_variance']:+.2f} | len {m['response_length']:.1f} | "
+            f"{m['rollout_tok_s']:.0f}/{m['update_tok_s']:.0f} tok/s | {m['peak_mem_mb']:.0f} MB")
 
 
 def read_ppo_prompts(paths, classifier_reward) -> list:
@@ -272,6 +247,32 @@ def verdict_reward(score, tok, prompts, args):
     classifier = load_classifier(device=args.device) if args.classifier == "head" else ResponseClassifier()
     return VerdictReward(score, classifier, tok, [(p["ids"], p["text"], p["kind"]) for p in prompts],
                          args.classifier_reward)
+
+
+def load_reward(args, policy, dtype):
+    """The frozen reward model of --reward-model, which must share the policy's tokenizer."""
+    from minicai.reward import load_reward_model
+
+    if args.reward_model is None:
+        raise ValueError("--reward-model is required (a train.reward_model output directory)")
+    rm = load_reward_model(args.reward_model, dtype=dtype, device=args.device).requires_grad_(False)
+    if rm.config.vocab_size != policy.config.vocab_size:
+        raise ValueError(f"{args.reward_model}: vocab size {rm.config.vocab_size} differs from the policy's "
+                         f"{policy.config.vocab_size} (the reward model must share the policy's tokenizer)")
+    return rm
+
+
+def encode_prompts(rows, tok, args, ctx) -> list:
+    """[{ids, text, kind}] of the prompts that fit --max-prompt-tokens and, with a response, the context."""
+    prompts = []
+    for p in rows:
+        ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True)
+        if len(ids) <= args.max_prompt_tokens and len(ids) + args.max_new_tokens <= ctx:
+            prompts.append({"ids": ids, "text": p["messages"][-1]["content"], "kind": p["kind"]})
+    print(f"ppo: {len(prompts)} prompts ({len(rows) - len(prompts)} skipped: longer than --max-prompt-tokens or the context)")
+    if not prompts:
+        raise ValueError("no usable prompts")
+    return prompts
 
 
 def run(args, reward_fn=None):
@@ -298,27 +299,8 @@ def run(args, reward_fn=None):
     policy = load_model(path, dtype=dtype, device=args.device)
     policy.gradient_checkpointing = args.gradient_checkpointing
     ref = load_model(path, dtype=dtype, device=args.device).requires_grad_(False).eval()
-    if reward_fn is None:
-        if args.reward_model is None:
-            raise ValueError("--reward-model is required (a train.reward_model output directory)")
-        from minicai.reward import load_reward_model
-        rm = load_reward_model(args.reward_model, dtype=dtype, device=args.device).requires_grad_(False)
-        if rm.config.vocab_size != policy.config.vocab_size:
-            raise ValueError(f"{args.reward_model}: vocab size {rm.config.vocab_size} differs from the policy's "
-                             f"{policy.config.vocab_size} (the reward model must share the policy's tokenizer)")
-        reward_fn = rm
-
-    ctx = policy.config.max_position_embeddings
-    prompts, skipped = [], 0
-    for p in prompt_rows:
-        ids = tok.apply_chat_template(p["messages"], add_generation_prompt=True)
-        if len(ids) > args.max_prompt_tokens or len(ids) + args.max_new_tokens > ctx:
-            skipped += 1
-        else:
-            prompts.append({"ids": ids, "text": p["messages"][-1]["content"], "kind": p["kind"]})
-    print(f"ppo: {len(prompts)} prompts ({skipped} skipped: longer than --max-prompt-tokens or the context)")
-    if len(prompts) < 1:
-        raise ValueError("no usable prompts")
+    reward_fn = load_reward(args, policy, dtype) if reward_fn is None else reward_fn
+    prompts = encode_prompts(prompt_rows, tok, args, policy.config.max_position_embeddings)
     if args.classifier_reward:
         reward_fn = verdict_reward(reward_fn, tok, prompts, args)
     resuming = training.start_run(args.out, args, logs=("log.jsonl", "samples.jsonl", "curves.png"),
@@ -327,25 +309,27 @@ def run(args, reward_fn=None):
 
     value_head = ValueHead(policy.config.hidden_size).to(args.device)
     trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})  # one module for save/load_resume_state
-    opt = make_optimizer(policy, args.lr, weight_decay=args.weight_decay)
+    opt = training.make_optimizer(policy, args.lr, weight_decay=args.weight_decay)
     opt.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0, "lr_mult": args.vf_lr_mult})
     kl_ctl = AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
-
     start = 0
-    if resuming:
-        meta = load_resume_state(state_dir, trainable, opt)
-        start, kl_ctl.value = meta["step"], meta["extra"]["kl_coef"]
-        for path in (log_path, samples_path):  # drop rows of steps after the saved state
-            truncate_log(path, start)
-        print(f"ppo: resumed from {state_dir} at step {start}")
+    if resuming:  # the logs lose the rows of steps after the saved state
+        start, _, saved = training.resume_state(state_dir, trainable, opt, guard, [log_path, samples_path], name="ppo")
+        kl_ctl.value = saved["kl_coef"]
     os.makedirs(args.out, exist_ok=True)
 
-    end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
-    train_loop(SimpleNamespace(**locals()))
+    def one_step(step, lr):  # one rollout batch and its PPO epochs (ppo_step); every --sample-every, samples
+        metrics, samples = ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok, args, guard)
+        for s in samples if args.sample_every and (step + 1) % args.sample_every == 0 else ():
+            append_jsonl(samples_path, s)
+            print(f"  [sample, score {s['score']:+.3f}] {s['response']!r}")
+        return metrics, None
 
-    rows = read_jsonl(log_path) if os.path.exists(log_path) else []
-    if rows:
-        plot_losses(rows, os.path.join(args.out, "curves.png"), keys=("reward", "kl"), title="PPO")
+    end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
+    step, _ = training.train_loop(one_step, trainable, opt, guard, start=start, end=end, log_path=log_path, show=show,
+                                  schedule=dict(lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio),
+                                  save_every=args.save_every, extra=lambda: {"kl_coef": kl_ctl.value}, quiet=args.quiet)
+    rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"), keys=("reward", "kl"), title="PPO")
     if end == args.steps:
         save_pretrained(policy.eval(), tok, os.path.join(args.out, "final"),
                         extra_files={"ppo_args.json": json.dumps(vars(args), indent=2)})
