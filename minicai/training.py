@@ -1,15 +1,9 @@
 """Plumbing shared by every trainer (SFT, reward model, DPO, PPO): plain functions, no Trainer class.
 
-One skeleton, in the order a trainer calls it (each script keeps only its own math: a loss on a micro-batch
-and its metrics):
-    start_run(run_dir, args, ...) -> resuming     fresh vs --resume, --overwrite, args.json
-    resume_state(state_dir, model, opt, guard)    weights, AdamW, RNGs, guard; logs cut to the saved step
-    train_loop(step_fn, model, opt, guard, ...)   per step: lr_at + set_lr, step_fn(step, lr) -> log row (its
-                                                  math ends in clip_and_step: clip, DivergenceGuard, AdamW),
-                                                  log + progress, periodic and final save
-    finish_log(log_path, step, png)               the rows of saved steps, their plot
-The trainers' flags come from add_train_flags / add_speed_flags (one spelling each); the pipeline builds
-their typed configs with script_args.
+One skeleton, in the order a trainer calls it; each script keeps only its own math (its loss on a micro-batch,
+ending in clip_and_step: clip, DivergenceGuard, AdamW) and its metrics: start_run (fresh vs --resume),
+resume_state, train_loop (schedule, step, log row + progress, periodic and final save), finish_log (truncate +
+plot). Their flags: add_train_flags / add_speed_flags, one spelling each; typed configs: script_args.
 
 - AdamW (Loshchilov & Hutter, 2019, decoupled weight decay) with two parameter groups: matrices decay,
   vectors (biases, norm gains) do not, the usual GPT-2/nanoGPT split.
@@ -65,7 +59,7 @@ from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
            "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args",
-           "resume_state", "clip_and_step", "train_loop", "finish_log"]
+           "resume_state", "clip_and_step", "train_loop", "finish_log", "script_main"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -192,19 +186,12 @@ def check_flags(args, **kinds) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be {desc}, got {v}")
 
 
-def start_run(run_dir, args, logs=(), outputs=(), run_flag="--run-dir", record_args=False) -> bool:
+def start_run(run_dir, args, logs=(), outputs=(), run_flag="--run-dir") -> bool:
     """Call once every input has been read and validated. Returns True when resuming RUN_DIR/state (--resume
-    and a saved state there; with record_args the settings must match those in RUN_DIR/args.json, written
-    here). Otherwise the run is fresh: an earlier run's state or logs there, or an existing non-empty output,
-    make it refuse unless --overwrite, which moves the state and logs to RUN_DIR.previous. Stale *.partial-*
-    folders of killed saves are removed."""
-    resuming = _start_run(run_dir, args, logs, outputs, run_flag)
-    if record_args:
-        atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
-    return resuming
-
-
-def _start_run(run_dir, args, logs, outputs, run_flag) -> bool:
+    and a saved state there; the settings must match RUN_DIR/args.json where the trainer writes one).
+    Otherwise the run is fresh: an earlier run's state or logs there, or an existing non-empty output, make it
+    refuse unless --overwrite, which moves the state and logs to RUN_DIR.previous. Stale *.partial-* folders
+    of killed saves are removed."""
     for path in (run_dir, *outputs):
         check_output_path(path, "dir", run_flag if path == run_dir else "--out")
     state_dir = os.path.join(run_dir, "state")
@@ -446,6 +433,15 @@ def plot_losses(rows, png_path, keys=("loss",), title=None) -> None:
     atomic_write(png_path, buf.getvalue())
 
 
+def script_main(main, name) -> None:
+    """`python -m train.<script>`: main(); bad input or a diverged run is one line on stderr, exit status 2."""
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # flags that may differ on --resume without changing the run
 RESUMABLE_CHANGES = {"resume", "save_every", "quiet", "out", "run_dir", "device", "overwrite", "max_loss_jump"}
 
@@ -499,7 +495,7 @@ def add_train_flags(parser, *, min_lr_ratio=0.1, save_every=50, loss_jump=True) 
     a("--resume", action="store_true", help="continue from the run's saved training state if there is one")
     a("--seed", type=int, default=0, help="seed of the data split and order, initialisation and sampling")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    a("--dtype", default="float32", help="dtype of the trained (master) weights")
+    a("--dtype", default="float32", help="dtype of the models' weights (the trained ones are the masters)")
     a("--quiet", action="store_true", help="no progress bar")
     a("--overwrite", action="store_true",
       help="start afresh over an earlier run in the same folder (its state and logs move to RUN_DIR.previous)")

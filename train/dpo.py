@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from functools import partial
 
@@ -323,9 +322,9 @@ def run(args):
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
     reset_peak_memory(args.device)
-    step, _ = training.train_loop(one_step, model, opt, guard, start=start, end=end, log_path=log_path, show=partial(show, total=total),
+    step, _ = training.train_loop(one_step, model, opt, guard, start=start, end=end, log_path=log_path,
                                   schedule=dict(lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.min_lr_ratio),
-                                  save_every=args.save_every, quiet=args.quiet)
+                                  save_every=args.save_every, show=partial(show, total=total), quiet=args.quiet)
     peaks["train"] = peak_memory_mb(args.device)
     print("dpo: peak memory " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
     rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"),
@@ -355,8 +354,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:
-        print(f"train.dpo: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    training.script_main(main, "train.dpo")

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import torch
@@ -342,8 +341,4 @@ def main(argv=None, reward_fn=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:
-        print(f"train.ppo: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    training.script_main(main, "train.ppo")

@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -235,8 +234,8 @@ def run(args):
     extra_sets = {path: encode_pairs(tokenizer, read_pairs(path)[0], args.max_len)[0] for path in args.extra_eval}
     for path in (p for p, ex in extra_sets.items() if not ex):
         raise ValueError(f"{path}: no usable pairs for --extra-eval")
-    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,),
-                                  record_args=True)
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))  # what --resume must match
     torch.manual_seed(args.seed)  # the head's initialisation
     rm = load_reward_model(args.model, dtype=args.dtype, device=device, init_from_lm=True)
     rm.trunk.gradient_checkpointing = args.gradient_checkpointing
@@ -296,8 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:
-        print(f"train.reward_model: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    training.script_main(main, "train.reward_model")

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -137,8 +136,8 @@ def run(args):
     torch.manual_seed(args.seed)  # LoRA's A initialisation
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
     examples = load_data(args, tokenizer, rows)
-    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,),
-                                  record_args=True)
+    resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
+    atomic_write(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))  # what --resume must match
     if lora:
         wrapped = apply_lora(model, args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
                              dropout=args.lora_dropout)
@@ -197,8 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:
-        print(f"train.sft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    training.script_main(main, "train.sft")
