@@ -75,7 +75,7 @@ parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on 
 training.add_train_flags(parser)
 training.add_speed_flags(parser)
 
-# Arguments that may change between a run and its --resume; every other one must match.
+
 def batch_loss(model, batch, n_tokens, autocast=nullcontext):
     """Sum over the batch's labelled tokens of -log p(label), divided by n_tokens (the step's total),
     via the fused log-prob path. batch: input_ids, labels [B, T], right padded. The forward (under
