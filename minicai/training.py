@@ -59,7 +59,7 @@ from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
            "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args",
-           "resume_state", "clip_and_step", "train_loop", "finish_log", "script_main"]
+           "resume_state", "clip_and_step", "train_loop", "finish_log", "script_main", "script_parser"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -431,6 +431,16 @@ def plot_losses(rows, png_path, keys=("loss",), title=None) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write(png_path, buf.getvalue())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show every flag's default."""
+
+
+def script_parser(doc) -> argparse.ArgumentParser:
+    """A trainer's parser: its module docstring's first paragraph as the description, the rest as the epilog."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=HelpFormatter)
 
 
 def script_main(main, name) -> None:

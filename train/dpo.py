@@ -38,7 +38,6 @@ Choices:
 
     python -m train.dpo --model runs/sft --data prefs.jsonl --out runs/dpo --epochs 1
 """
-import argparse
 import hashlib
 import json
 import math
@@ -60,27 +59,26 @@ from minicai.rl import completion_logprobs, peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, collate
 from minicai.tokenizer import load_tokenizer
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
-parser.add_argument("--model", default="default", help="initial policy = reference (the SL-CAI / SFT checkpoint; default: %(default)s)")
+parser = training.script_parser(__doc__)
+parser.add_argument("--model", default="default", help="initial policy = reference (the SL-CAI / SFT checkpoint)")
 parser.add_argument("--data", nargs="+", required=True, help="preference JSONL file(s) (format above)")
-parser.add_argument("--out", default="runs/dpo", help="output dir: final/ (HF checkpoint), state/, log.jsonl, eval.json, curves.png (default: %(default)s)")
-parser.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid", help="DPO (sigmoid) or IPO (default: %(default)s)")
-parser.add_argument("--beta", type=float, default=0.1, help="KL strength beta (default: %(default)s)")
-parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate eps in [0, 0.5] (default: %(default)s)")
+parser.add_argument("--out", default="runs/dpo", help="output dir: final/ (HF checkpoint), state/, log.jsonl, eval.json, curves.png")
+parser.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid", help="DPO (sigmoid) or IPO")
+parser.add_argument("--beta", type=float, default=0.1, help="KL strength beta")
+parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label-flip rate eps in [0, 0.5]")
 parser.add_argument("--soft-labels", "--use-soft-labels", action="store_true", help="per-pair eps = 1 - soft_label from each row's 'soft_label' field")
-parser.add_argument("--nll-weight", type=float, default=0.0, help="weight of the NLL term on the chosen completions (default: %(default)s)")
-parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (default: %(default)s)")
-parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default: %(default)s)")
+parser.add_argument("--nll-weight", type=float, default=0.0, help="weight of the NLL term on the chosen completions")
+parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
+parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
 parser.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward, gradients accumulated (0 = --batch-size)")
-parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (LoRA wants ~1e-4) (default: %(default)s)")
-parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: %(default)s)")
-parser.add_argument("--eval-frac", type=float, default=0.1, help="held-out share of the distinct prompts, 0 = no evaluation (default: %(default)s)")
-parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped (default: %(default)s)")
-parser.add_argument("--max-completion-tokens", type=int, default=256, help="longer completions are truncated (default: %(default)s)")
+parser.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (LoRA wants ~1e-4)")
+parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+parser.add_argument("--eval-frac", type=float, default=0.1, help="held-out share of the distinct prompts, 0 = no evaluation")
+parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+parser.add_argument("--max-completion-tokens", type=int, default=256, help="longer completions are truncated")
 parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0 = full)")
-parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
-parser.add_argument("--lora-targets", default="q,k,v,o", help="LoRA target linear layers (default: %(default)s)")
+parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
+parser.add_argument("--lora-targets", default="q,k,v,o", help="LoRA target linear layers")
 parser.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after N steps in this run; 0 = to the end")
 training.add_train_flags(parser)
 training.add_speed_flags(parser)

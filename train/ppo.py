@@ -25,7 +25,6 @@ Choices:
 
     python -m train.ppo --model runs/sft --reward-model runs/rm --out runs/ppo --steps 200
 """
-import argparse
 import json
 import os
 import random
@@ -45,7 +44,7 @@ from minicai.prompts import read_prompts
 from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = training.script_parser(__doc__)
 parser.add_argument("--model", default="default", help="initial policy and reference (the SL-CAI / SFT checkpoint)")
 parser.add_argument("--reward-model", default=None, help="reward model directory (train.reward_model output); required")
 parser.add_argument("--prompts", nargs="+", default=["data/red_team_prompts.jsonl", "data/helpful_prompts.jsonl"],

@@ -36,7 +36,6 @@ zero gradient, loss back at ln 2, a loss jump) stops and keeps the last good sta
 
     python -m train.reward_model --data runs/prefs.jsonl --model runs/sft --out runs/rm --epochs 2
 """
-import argparse
 import json
 import math
 import os
@@ -55,8 +54,7 @@ from minicai.pretrained import resolve_path
 from minicai.reward import load_reward_model, save_reward_model
 from minicai.tokenizer import load_tokenizer
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = training.script_parser(__doc__)
 parser.add_argument("--data", nargs="+", required=True, help="preference JSONL file(s) (train.label_preferences output)")
 parser.add_argument("--model", default="default", help="LM checkpoint to start from (the SFT output; 'default' = SmolLM2-135M-Instruct)")
 parser.add_argument("--out", required=True, help="output directory of the reward model")

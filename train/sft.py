@@ -29,7 +29,6 @@ run stops with the step and the measure and keeps the last good state (minicai.t
 
     python -m train.sft --data runs/revisions.jsonl --out runs/sft --max-steps 40
 """
-import argparse
 import json
 import math
 import os
@@ -48,12 +47,7 @@ from minicai.rl import peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
 from minicai import training
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the docstring's layout and show every flag's default."""
-
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=HelpFormatter)
+parser = training.script_parser(__doc__)
 parser.add_argument("--model", default="default", help="checkpoint to fine-tune ('default' = SmolLM2-135M-Instruct)")
 parser.add_argument("--data", nargs="+", required=True,
                     help="critique_revise output JSONL file(s): trains on (messages/prompt, final)")
