@@ -37,6 +37,7 @@ from minicai import generate
 from minicai import training
 from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.io import append_jsonl
+from minicai.logprobs import kl_k1, kl_k3
 from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.pretrained import load_model, resolve_path
@@ -191,7 +192,8 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
 
     # ---- metrics (k1 sequence KL drives the controller, as in Ziegler et al.)
     lengths = mask.sum(1).float()
-    seq_kl = torch.where(mask, old_logp - ref_logp, 0).sum(1).mean()
+    k1 = torch.where(mask, kl_k1(old_logp, ref_logp), 0)                                 # [B, R]
+    seq_kl = k1.sum(1).mean()
     kl_coef = kl_ctl.value
     kl_ctl.update(float(seq_kl), B)
     n_tokens = int(batch["attention_mask"].sum())
@@ -200,9 +202,9 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
         "step": step + 1, "reward": float(score.mean()), "reward_std": float(score.std()) if B > 1 else 0.0,
         "shaped_score": float(shaped_score.mean()), "kl": float(seq_kl),
         "kl_exact": float(torch.where(mask, kl_exact, 0).sum(1).mean()),
-        "kl_k3": float(torch.where(mask, torch.expm1(ref_logp - old_logp) - (ref_logp - old_logp), 0).sum(1).mean()),
+        "kl_k3": float(torch.where(mask, kl_k3(old_logp, ref_logp), 0).sum(1).mean()),
         "kl_coef": kl_coef, "entropy": float(masked_mean(entropy, mask)),
-        "non_score_reward": float((-kl_coef * torch.where(mask, old_logp - ref_logp, 0)).sum(1).mean()),
+        "non_score_reward": float((-kl_coef * k1).sum(1).mean()),
         "policy_loss": mean("policy_loss"), "value_loss": mean("value_loss"), "clip_fraction": mean("clip_fraction"),
         "approx_kl": mean("approx_kl"), "value_clip_fraction": mean("value_clip_fraction"),
         "grad_norm": mean("grad_norm"),
