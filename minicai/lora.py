@@ -19,7 +19,6 @@ import fnmatch
 import torch
 import torch.nn as nn
 
-from minicai.model import Linear
 
 
 class LoRALinear(nn.Module):
@@ -103,7 +102,7 @@ def merge_lora(model):
         base = m.base
         with torch.no_grad():
             merged = m.merged_weight()
-        lin = Linear(base.in_features, base.out_features, bias=base.bias is not None,
+        lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(merged)

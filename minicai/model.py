@@ -11,8 +11,6 @@ this one forward. Deliberate deviations from the reference implementations:
 - no dropout (RLHF wants it off; GPT-2's dropout rates in config.json are ignored);
 - GPT-2's fused c_attn is split into q/k/v at load time so both families share one attention block.
 """
-import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
@@ -128,120 +126,26 @@ class KVCache:
         self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
 
 
-class Linear(nn.Linear):
-    """nn.Linear that multiplies by a prepacked copy of its weight inside `prepacked_weights` (CPU decoding)."""
-    packed = None  # oneDNN-layout copy of weight; set only inside prepacked_weights()
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias, self.packed)
-
-
-def linear(x, weight, bias=None, packed=None):
-    """F.linear, or the same product through `packed` (weight prepacked by oneDNN) when one is given and no
-    gradient is needed: the one place the model chooses between the two."""
-    if packed is not None and not torch.is_grad_enabled():
-        return packed_linear(x, packed, bias)
-    return F.linear(x, weight, bias)
-
-
-def packed_linear(x, packed, bias=None):
-    """x [..., in] @ W.T + bias with W prepacked by oneDNN (torch.ops.mkldnn, the path inductor's CPU freezing uses)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def can_prepack(weight: torch.Tensor) -> bool:
-    """CPU fp32/bf16 weights, with a oneDNN build whose packed matmul works here (checked once per dtype)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return packed_linear_works(weight.dtype)
-
-
-@functools.cache
-def packed_linear_works(dtype) -> bool:
-    """Probe the private torch.ops.mkldnn ops on a tiny matmul: a build or CPU without them (or without
-    native bf16) falls back to F.linear instead of failing mid-generation."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        w, x = torch.randn(8, 16).to(dtype), torch.randn(3, 16).to(dtype)
-        y = packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, 16))
-        return torch.allclose(y.float(), F.linear(x, w).float(), atol=0.05, rtol=0.05)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-@contextlib.contextmanager
-def prepacked_weights(model, enabled: bool = True):
-    """Within this block every Linear of `model` and its unembedding multiply by weights prepacked in
-    oneDNN's blocked layout: no-grad only, CPU fp32/bf16 only (elsewhere a no-op).
-
-    Why: decoding a batch of a few rows is bound by reading the weights from memory, and on CPU oneDNN's
-    blocked layout reads them faster than the row-major layout MKL's sgemm gets (SmolLM2-135M, fp32, 2-core
-    CPU: 1.52x / 1.65x faster greedy decoding at batch 1 / 16; BENCHMARKS.md). The copies are made on entry
-    and dropped on exit, so they never outlive a weight update; results differ from F.linear only in
-    summation order (~1e-6).
-    Costs one extra copy of the weights while active."""
-    if not enabled or model.packed_output is not None or not can_prepack(model.output_weight):
-        yield model
-        return
-    fused = fused_groups(model)
-    in_fused = {id(lin) for _, _, group in fused for lin in group}
-    linears = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in in_fused]
-    try:
-        with torch.no_grad():
-            for m in linears:  # 16: the batch-size hint; the layout serves every batch size
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16)
-            for module, name, group in fused:
-                weight = torch.cat([lin.weight.detach() for lin in group])
-                bias = torch.cat([lin.bias.detach() for lin in group]) if group[0].bias is not None else None
-                setattr(module, name, (torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias))
-            model.packed_output = torch.ops.mkldnn._reorder_linear_weight(model.output_weight.detach(), 16)
-        yield model
-    finally:
-        for m in linears:
-            m.packed = None
-        for module, name, _ in fused:
-            setattr(module, name, None)
-        model.packed_output = None
-
-
-def fused_groups(model) -> list:
-    """(module, attribute, linears) for the plain Linears that read the same input: each attention's q/k/v and
-    each SwiGLU's gate/up, packed as one matrix: one oneDNN call instead of three or two (10-13% less time in
-    these matmuls at 1-16 rows, fp32, 1 thread, SmolLM2-135M's shapes). A LoRA-wrapped member stays unfused."""
-    groups = []
-    for m in model.modules():
-        if isinstance(m, Attention):
-            groups.append((m, "packed_qkv", [m.q, m.k, m.v]))
-        elif isinstance(m, MLP) and not m.gpt2:
-            groups.append((m, "packed_gate_up", [m.gate, m.up]))
-    return [g for g in groups if all(type(lin) is Linear for lin in g[2])]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.head_dim
-        self.q = Linear(cfg.hidden_size, cfg.n_heads * d, bias=cfg.attention_bias)
-        self.k = Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
-        self.v = Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
+        self.q = nn.Linear(cfg.hidden_size, cfg.n_heads * d, bias=cfg.attention_bias)
+        self.k = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
+        self.v = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * d, bias=cfg.attention_bias)
         # Llama's attention_bias also puts a bias on o_proj; Qwen2 biases q/k/v only
         o_bias = cfg.arch == "gpt2" or (cfg.model_type == "llama" and cfg.attention_bias)
-        self.o = Linear(cfg.n_heads * d, cfg.hidden_size, bias=o_bias)
-        self.packed_qkv = None  # (packed [q; k; v], bias): only inside prepacked_weights()
+        self.o = nn.Linear(cfg.n_heads * d, cfg.hidden_size, bias=o_bias)
+
+    def project(self, x):
+        """x [B, T, H] -> q, k, v [B, T, heads * D] (minicai.prepack multiplies the three as one while sampling)."""
+        return self.q(x), self.k(x), self.v(x)
 
     def forward(self, x, rope, key_padding_mask, kv_cache, layer):
         B, T, _ = x.shape
         cfg = self.cfg
-        if self.packed_qkv is not None and not torch.is_grad_enabled():
-            sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
-            q, k, v = packed_linear(x, *self.packed_qkv).split(sizes, dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self.project(x)
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)             # [B, Hq, T, D]
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)          # [B, Hkv, T, D]
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -258,18 +162,19 @@ class MLP(nn.Module):
         super().__init__()
         self.gpt2 = cfg.arch == "gpt2"
         if not self.gpt2:
-            self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.packed_gate_up = None  # (packed [gate; up], bias): only inside prepacked_weights()
+            self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def gate_up(self, x):
+        """SwiGLU's two input projections (minicai.prepack multiplies them as one while sampling)."""
+        return self.gate(x), self.up(x)
 
     def forward(self, x):
         if self.gpt2:
             return self.down(F.gelu(self.up(x), approximate="tanh"))
-        if self.packed_gate_up is not None and not torch.is_grad_enabled():
-            gate, up = packed_linear(x, *self.packed_gate_up).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -295,9 +200,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
-        self.packed_output = None            # prepacked unembedding, only inside prepacked_weights()
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -347,4 +251,4 @@ class Transformer(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden [..., H] -> logits [..., V]."""
-        return linear(x, self.output_weight, packed=self.packed_output)
+        return F.linear(x, self.output_weight)

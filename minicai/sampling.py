@@ -35,10 +35,6 @@ Choices (documented in `generate` too):
   A stop token stays in `tokens` but is left out of `text`.
 - Randomness: each output row has its own torch.Generator seeded from (seed, row index), so a row's samples
   do not depend on the other rows of the batch or on when they finish.
-- compile=True (CUDA only): the decode step is torch.compile'd with mode="reduce-overhead" (CUDA graphs)
-  over a *static* cache: every step attends over the whole preallocated cache with a mask marking the
-  unwritten slots, and writes its k/v at a position held in a tensor, so every step has the same shapes.
-  Finished rows are then not dropped (a new batch size would mean a new graph); they run on, ignored.
 """
 import math
 from dataclasses import dataclass, field
@@ -46,9 +42,9 @@ from types import SimpleNamespace
 
 import torch
 
-from minicai.model import KVCache, prepacked_weights
+from minicai.model import KVCache
+from minicai.prepack import prepacked_weights
 
-FINISH_REASONS = ("stop_token", "stop_string", "length")
 NUCLEUS_CANDIDATES = 256  # top-p sorts these first (all the vocabulary only when they hold less than top_p)
 
 
@@ -57,7 +53,7 @@ class Generation:
     tokens: list = field(default_factory=list)        # generated ids (prompt excluded, stop token included)
     logprobs: list = field(default_factory=list)      # log pi(token) under the sampled distribution (see above)
     raw_logprobs: list = field(default_factory=list)  # log softmax(z)(token): temperature 1, no truncation
-    finish_reason: str = "length"                     # "stop_token" | "stop_string" | "length"
+    finish_reason: str = "length"                     # "stop_token" | "stop_string" | "stop_when" | "length"
     text: str | None = None                           # decoded response, when a tokenizer was given
 
 
@@ -171,54 +167,9 @@ def default_stop_ids(model, tokenizer) -> list:
     return [eos] if eos is not None and eos >= 0 else []
 
 
-# ------------------------------------------------------------------------------------------ static cache
-
-class StaticKVCache(KVCache):
-    """A copy of a prefilled KVCache whose shapes never change while decoding (for torch.compile + CUDA graphs).
-
-    One buffer per layer (so the compiled step mutates graph inputs, not views of them). Each step writes at
-    `slot` (a 1-element tensor the caller advances) and returns the whole buffer; `length` always reads
-    max_len - 1, so the model expects a [B, max_len] attention mask, in which the caller marks the slots
-    written so far. Assigning `length` (the model's `length += T`) is ignored."""
-
-    def __init__(self, cache: KVCache):
-        self.ks = [k.clone() for k in cache.k]                    # n_layers x [B, Hkv, max_len, D]
-        self.vs = [v.clone() for v in cache.v]
-        self.slot = torch.tensor([cache.length], device=cache.k.device)
-
-    @property
-    def max_len(self) -> int:
-        return self.ks[0].shape[2]
-
-    @property
-    def length(self):
-        return self.max_len - 1
-
-    @length.setter
-    def length(self, value):
-        pass
-
-    def update(self, layer, k, v):
-        self.ks[layer].index_copy_(2, self.slot, k)
-        self.vs[layer].index_copy_(2, self.slot, v)
-        return self.ks[layer], self.vs[layer]
-
-    def keep_rows(self, rows):
-        raise NotImplementedError("a static cache keeps every row (fixed shapes)")
-
-
 def decode_step(model, tokens, positions, mask, cache):
-    """tokens, positions [B] -> next-token logits [B, V] (float32). The one decode forward, compiled or not."""
+    """tokens, positions [B] -> next-token logits [B, V] (float32)."""
     return model(tokens[:, None], position_ids=positions[:, None], attention_mask=mask, kv_cache=cache)[:, -1].float()
-
-
-_compiled = {}
-
-
-def compiled_decode_step():
-    if "step" not in _compiled:
-        _compiled["step"] = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
-    return _compiled["step"]
 
 
 # ------------------------------------------------------------------------------------------ prefill
@@ -281,19 +232,20 @@ def prefill(model, rows, max_new_tokens, device, dtype):
 
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-             stop_token_ids=None, stop_strings=None, num_samples=1, seed=None, tokenizer=None,
-             compile=False, callback=None, static_cache=None, prepack=True) -> list:
+             stop_token_ids=None, stop_strings=None, stop_when=None, num_samples=1, seed=None, tokenizer=None,
+             callback=None, prepack=True) -> list:
     """Sample continuations of `prompts` (a list of token-id lists).
 
     Returns len(prompts) * num_samples Generation objects, ordered prompt0-sample0, prompt0-sample1, ...
     stop_token_ids: default [tokenizer.eos_token_id] (or the model config's EOS); [] disables stop tokens.
     stop_strings: need `tokenizer`; see the module docstring for how tokens and text are cut.
+    stop_when(text) -> bool: a row stops (finish_reason "stop_when", text uncut) at the first token after which
+        its decoded generated text satisfies it; needs `tokenizer`. For callers that cut the text anyway
+        (e.g. gates.sentences_final): the rows stop costing compute once the rest would be cut off.
     seed: same seed, same outputs (None draws one from torch's global generator).
     callback(row, token_id): called for every generated token as it is produced (for streaming).
-    compile: CUDA only; torch.compile the decode step with CUDA graphs over a static cache (see module doc).
-    static_cache: use the static-shape cache without compiling (what compile=True runs; default = compile).
     prepack: on CPU (fp32/bf16), multiply by weights prepacked for oneDNN while generating (faster decoding,
-        one extra copy of the weights for the duration of the call); see model.prepacked_weights.
+        one extra copy of the weights for the duration of the call); see minicai.prepack.
     """
     cfg = model.config
     check_sampling_args(temperature, top_k, top_p, min_p)
@@ -301,9 +253,9 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     stop_ids, stop_strings = check_stops(model, tokenizer, stop_token_ids, stop_strings)
+    if stop_when is not None and (tokenizer is None or not callable(stop_when)):
+        raise ValueError("stop_when must be a callable on the generated text, and needs a tokenizer")
     device, dtype = model.output_weight.device, model.output_weight.dtype
-    if compile and device.type != "cuda":
-        raise ValueError(f"compile=True needs the model on CUDA (it is on {device}): it captures CUDA graphs")
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, ()).item())
 
@@ -317,14 +269,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
     state = SimpleNamespace(
         out=[Generation() for _ in range(B)], active=order, gens=None if gens is None else [gens[r] for r in order],
         mask=mask.to(device), positions=torch.tensor([len(rows[r]) for r in order], device=device), col=L,
-        sampling=(temperature, top_k, top_p, min_p), stop_ids=stop_ids, stop_strings=stop_strings,
+        sampling=(temperature, top_k, top_p, min_p), stop_ids=stop_ids, stop_strings=stop_strings, stop_when=stop_when,
         tokenizer=tokenizer, callback=callback, max_new_tokens=N)
     with prepacked_weights(model, enabled=prepack):  # packed copies live for this call only
         cache, logits = prefill(model, [rows[r] for r in order], N, device, dtype)
-        if compile if static_cache is None else static_cache:
-            decode_static(model, cache, logits, state, compile)
-        else:
-            decode_dynamic(model, cache, logits, state)
+        decode_dynamic(model, cache, logits, state)
     return finish(state.out, tokenizer, stop_strings)
 
 
@@ -375,6 +324,8 @@ def record(toks, lps, raws, state) -> list:
             g.finish_reason = "stop_token"
         elif state.stop_strings and any(s in state.tokenizer.decode(g.tokens) for s in state.stop_strings):
             g.finish_reason = "stop_string"
+        elif state.stop_when is not None and state.stop_when(state.tokenizer.decode(g.tokens)):
+            g.finish_reason = "stop_when"
         elif len(g.tokens) == state.max_new_tokens:
             g.finish_reason = "length"
         else:
@@ -410,25 +361,6 @@ def decode_dynamic(model, cache, logits, state) -> None:
         state.mask[:, state.col] = 1                                   # the token fed now is real in every row
         state.col += 1
         logits = decode_step(model, tok, state.positions, state.mask[:, :state.col] if padded else None, cache)
-        state.positions += 1
-
-
-def decode_static(model, cache, logits, state, compile) -> None:
-    """Fixed shapes for CUDA graphs (see the module docstring): finished rows run on and are ignored."""
-    cache = StaticKVCache(cache)
-    step_fn = compiled_decode_step() if compile else decode_step
-    if compile:  # buffers mutated in place between replays keep their addresses (no copies into the graph)
-        for t in (*cache.ks, *cache.vs, cache.slot, state.mask, state.positions):
-            torch._dynamo.mark_static_address(t)
-    for _ in range(state.max_new_tokens):
-        tok, *drawn = next_tokens(logits, state)
-        record(*drawn, state)
-        if all(r is None for r in state.active):
-            return
-        state.mask[:, state.col] = 1
-        state.col += 1
-        logits = step_fn(model, tok, state.positions, state.mask, cache).clone()  # clone: graph outputs are reused
-        cache.slot += 1
         state.positions += 1
 
 

@@ -7,7 +7,7 @@ the medians are reported, so a load spike from other processes on a shared machi
 transformers is the baseline being measured, imported only inside `main`; minicai never imports it.
 
     python tests/bench_generate.py                     # CPU, fp32, batch 1 and 16, 128 new tokens
-    python tests/bench_generate.py --device cuda --compile --batch-sizes 1 16 64
+    python tests/bench_generate.py --device cuda --dtype bfloat16 --batch-sizes 1 16 64
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python tests/bench_generate.py
         # emulates an AVX2-only CPU on an AVX-512 one, for both sides (oneDNN, ATen kernels, MKL's sgemm)
 
@@ -23,7 +23,6 @@ parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, alternating ours/transformers; medians reported")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-parser.add_argument("--compile", action="store_true", help="minicai: torch.compile the decode step (CUDA only)")
 parser.add_argument("--no-prepack", action="store_true", help="minicai: plain weights on CPU (generate(prepack=False))")
 parser.add_argument("--skip-hf", action="store_true", help="time minicai only")
 parser.add_argument("--prompts", default="data/helpful_prompts.jsonl", help="JSONL; rows with a 'prompt' string are used")
@@ -101,7 +100,7 @@ def main(args):
 
     def ours(batch, new_tokens):
         return [g.tokens for g in minicai.generate(model, batch, max_new_tokens=new_tokens, stop_token_ids=[],
-                                                   compile=args.compile, prepack=not args.no_prepack)]
+                                                   prepack=not args.no_prepack)]
 
     hf_model = None
     if not args.skip_hf:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU preset's throughput figures in one command (about 10 minutes on one H200; each part has its own time
 # limit, so one slow part cannot take the others' time):
-#   1. greedy decoding, minicai (CUDA graphs, --compile) vs transformers' generate, bf16, batch 1/16/64
+#   1. greedy decoding, minicai vs transformers' generate, bf16, batch 1/16/64
 #   2. training steps, minicai vs TRL vs transformers, bf16 autocast (tests/bench_train.py)
 #   3. the Triton attention kernel vs SDPA-flash vs naive (kernels/bench_attention.py), and its GPU check
 #   4. the fused log-prob kernel vs naive / compiled / twin (kernels/bench_logprobs.py)
@@ -43,7 +43,7 @@ for p in ('triton', 'transformers', 'trl'):
   cat "$out/env.txt"
 fi
 
-part generate 150 "$py" tests/bench_generate.py --device cuda --dtype bfloat16 --compile --batch-sizes 1 16 64 \
+part generate 150 "$py" tests/bench_generate.py --device cuda --dtype bfloat16 --batch-sizes 1 16 64 \
   --new-tokens 128 --repeats 3
 part train 240 "$py" tests/bench_train.py --device cuda --dtypes bfloat16 --pairs 64 --batch-size 8 --steps 8 \
   --timeout 100 --json "$out/train.json"

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from minicai.model import KVCache, Linear, ModelConfig, Transformer, can_prepack, prepacked_weights
+from minicai.model import KVCache, ModelConfig, Transformer
+from minicai.prepack import can_prepack, prepacked_weights
 from minicai.sampling import generate, process_logits, sample
 
 
@@ -101,19 +102,20 @@ def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
     ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     with torch.no_grad():
         ref = model(ids)                                             # F.linear on the plain weights
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     attns = [b.attn for b in model.blocks]
     with torch.no_grad(), prepacked_weights(model):
         if can_prepack(model.output_weight):  # CPU with oneDNN: the packed path really runs
             # q/k/v (and SwiGLU's gate/up) are packed as one matrix each; every other linear on its own
             fused = {id(lin) for a in attns for lin in (a.q, a.k, a.v)}
             fused |= {id(lin) for b in model.blocks if arch == "llama" for lin in (b.mlp.gate, b.mlp.up)}
-            assert all(a.packed_qkv is not None for a in attns) and model.packed_output is not None
-            assert all((m.packed is None) == (id(m) in fused) for m in linears)
+            assert all("project" in vars(a) for a in attns) and "unembed" in vars(model)
+            assert all(("gate_up" in vars(b.mlp)) == (arch == "llama") for b in model.blocks)
+            assert all(("forward" in vars(m)) == (id(m) not in fused) for m in linears)
         out = model(ids)
     assert (out - ref).abs().max().item() <= 1e-4  # summation order only (logits here reach ~230)
-    assert all(m.packed is None for m in linears) and model.packed_output is None
-    assert all(a.packed_qkv is None for a in attns) and all(b.mlp.packed_gate_up is None for b in model.blocks)
+    shadows = ("project", "gate_up", "forward", "unembed")
+    assert not any(n in vars(m) for m in model.modules() for n in shadows)  # dropped on exit
     with prepacked_weights(model):                                   # with grad on, the plain weights serve
         model(ids).square().mean().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
@@ -138,12 +140,12 @@ def test_prepacked_generation_with_lora_matches_unpacked():
 
 
 def test_without_working_onednn_prepacking_is_a_no_op(monkeypatch):
-    import minicai.model
+    import minicai.prepack
     model = tiny_model("llama", seed=4)
     ref = generate(model, [PROMPTS[0]], max_new_tokens=6, prepack=False)[0].tokens
-    monkeypatch.setattr(minicai.model, "packed_linear_works", lambda dtype: False)
+    monkeypatch.setattr(minicai.prepack, "packed_linear_works", lambda dtype: False)
     with prepacked_weights(model):
-        assert model.packed_output is None and all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+        assert not any(n in vars(m) for m in model.modules() for n in ("project", "gate_up", "forward", "unembed"))
     assert generate(model, [PROMPTS[0]], max_new_tokens=6)[0].tokens == ref
 
 
@@ -174,32 +176,18 @@ def test_generate_sees_weight_updates_between_calls():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("static", [False, True])
-def test_left_padded_batch_matches_each_prompt_alone(arch, static):
+def test_left_padded_batch_matches_each_prompt_alone(arch):
     model = tiny_model(arch, seed=1)
     alone = [generate(model, [p], max_new_tokens=10, stop_token_ids=[])[0] for p in PROMPTS]
     # stop on a token one row produces early, so rows finish at different steps and the batch shrinks
     stop = alone[0].tokens[3]
     alone = [generate(model, [p], max_new_tokens=10, stop_token_ids=[stop])[0] for p in PROMPTS]
-    batch = generate(model, PROMPTS, max_new_tokens=10, stop_token_ids=[stop], static_cache=static)
+    batch = generate(model, PROMPTS, max_new_tokens=10, stop_token_ids=[stop])
     assert len({len(g.tokens) for g in alone}) > 1  # the rows really finish at different steps
     for a, b in zip(alone, batch):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
         assert b.finish_reason == ("stop_token" if b.tokens[-1] == stop else "length")
         assert max(abs(x - y) for x, y in zip(a.raw_logprobs, b.raw_logprobs)) <= 1e-4
-
-
-def test_static_cache_step_traces_as_one_graph(monkeypatch):
-    """The compile=True path (CUDA graphs) cannot run here; trace its decode step on CPU with dynamo instead:
-    one graph (fullgraph), input mutation of the static cache functionalised (aot_eager), same tokens."""
-    import minicai.sampling as S
-
-    model = tiny_model("llama", seed=1)
-    ref = generate(model, PROMPTS, max_new_tokens=6, stop_token_ids=[])
-    torch._dynamo.reset()
-    monkeypatch.setattr(S, "decode_step", torch.compile(S.decode_step, backend="aot_eager", fullgraph=True))
-    out = generate(model, PROMPTS, max_new_tokens=6, stop_token_ids=[], static_cache=True)
-    assert [g.tokens for g in out] == [g.tokens for g in ref]
 
 
 def test_streamer_holds_back_partial_characters():
@@ -339,6 +327,20 @@ def test_stop_strings_and_text():
     assert s.text == tok.decode(free.tokens[:first])
 
 
+def test_stop_when_stops_each_row_at_its_first_true_prefix():
+    model = tiny_model("llama", seed=4)
+    tok = LetterTokenizer()
+    kw = dict(max_new_tokens=12, stop_token_ids=[], tokenizer=tok, temperature=1.0, seed=3, num_samples=3)
+    free = generate(model, [PROMPTS[1]], **kw)
+    pred = lambda text: len(text) >= 5  # noqa: E731  (letters: one character per token)
+    stopped = generate(model, [PROMPTS[1]], stop_when=pred, **kw)
+    for f, g in zip(free, stopped):
+        k = next(k for k in range(1, 13) if pred(tok.decode(f.tokens[:k])))
+        assert g.tokens == f.tokens[:k] and g.finish_reason == "stop_when" and g.text == tok.decode(f.tokens[:k])
+    with pytest.raises(ValueError, match="stop_when"):
+        generate(model, [PROMPTS[1]], max_new_tokens=4, stop_when=pred)  # no tokenizer to decode with
+
+
 def test_default_stop_token_is_tokenizer_eos():
     model = tiny_model("llama", seed=4)
     free = generate(model, [PROMPTS[1]], max_new_tokens=12, stop_token_ids=[])[0]
@@ -371,7 +373,6 @@ BAD = [
     dict(stop_token_ids=[500]),
     dict(stop_strings=["x"]),                     # no tokenizer
     dict(num_samples=0),
-    dict(compile=True),                           # CPU: compile captures CUDA graphs
 ]
 
 
