@@ -35,18 +35,30 @@ _NOT_END = re.compile(r"(?:^|\s)(?:\d+|[a-z]|e\.g|i\.e|etc|vs|mr|mrs|ms|dr|st|no
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
-def cut_sentences(text: str, n: int) -> str:
-    """The first n sentences of text (all of it when it has fewer, or n <= 0), stripped."""
-    if n <= 0:
-        return text.strip()
+def sentence_end(text: str, n: int):
+    """The index just past the nth sentence end of text, or None when it has fewer (or n <= 0)."""
     count, start = 0, 0
-    for m in _END.finditer(text):
+    for m in _END.finditer(text if n > 0 else ""):
         if not text[start:m.end()].strip() or (m.group() != "\n" and _NOT_END.search(text[:m.start() + 1])):
             continue  # a blank line, or "1." / "e.g." inside a sentence
         count, start = count + 1, m.end()
         if count == n:
-            return text[:m.end()].strip()
-    return text.strip()
+            return m.end()
+    return None
+
+
+def cut_sentences(text: str, n: int) -> str:
+    """The first n sentences of text (all of it when it has fewer, or n <= 0), stripped."""
+    end = sentence_end(text, n)
+    return (text if end is None else text[:end]).strip()
+
+
+def sentences_final(text: str, n: int) -> bool:
+    """True once cut_sentences(text + anything, n) == cut_sentences(text, n): the nth sentence end is followed
+    by more text (whitespace, by _END's lookahead). An end at the very end of text may still grow ("..", a
+    closing quote) or vanish ("3.5"). A sampler may stop a row here: the rest would be cut off anyway."""
+    end = sentence_end(text, n)
+    return end is not None and end < len(text)
 
 
 def _grams(text: str, n: int) -> list:

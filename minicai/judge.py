@@ -240,8 +240,12 @@ def reference_loglik(model, tokenizer, conversations, references, batch_size=8) 
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
     targets = [tokenizer.encode(r.strip()) + [eot] for r in references]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        batch = collate(prompts[s:s + batch_size], targets[s:s + batch_size], pad, device=model.output_weight.device)
-        out += sequence_logprobs(model, batch, average=True)[0].float().cpu().tolist()
+    # batches of similar prompt and answer lengths: collate pads both sides to the batch's longest
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    out = [0.0] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        batch = collate([prompts[i] for i in rows], [targets[i] for i in rows], pad, device=model.output_weight.device)
+        for i, ll in zip(rows, sequence_logprobs(model, batch, average=True)[0].float().cpu().tolist()):
+            out[i] = ll
     return out

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 import train.critique_revise as cr
-from minicai.gates import COPY_SHARE, class_reason, copied_share, cut_sentences, first_passing, text_reason
+from minicai.gates import (COPY_SHARE, class_reason, copied_share, cut_sentences, first_passing, sentences_final,
+                           text_reason)
 from minicai.sft_data import read_sft_rows
 
 REFUSAL = "I can't help with that."
@@ -90,6 +91,24 @@ def test_cut_sentences():
     assert cut_sentences("\n\nNo! Never.", 1) == "No!"
 
 
+@pytest.mark.parametrize("text", ["I can't help with that. It is illegal. Ask a doctor.", "Sure! Step 1. Mix it... then wait.",
+                                  'He said "stop." Then left. OK', "Use 3.5 grams, e.g. salt. Bake!\n\nDone. Yes.",
+                                  "Ingredients\nflour\n\nwater. More", "Wait.. what?! No. 2. Fine."])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_sentences_final_means_more_text_cannot_change_the_cut(text, n):
+    """Stopping a sample once sentences_final holds loses nothing: every later prefix, and the whole text, cut
+    to the same n sentences; and it holds at most a character or two after the full text's nth sentence."""
+    full = cut_sentences(text, n)
+    first = next((k for k in range(len(text) + 1) if sentences_final(text[:k], n)), None)
+    if first is None:                                           # never final: the cut keeps the whole text
+        assert full == text.strip()
+    else:
+        assert all(cut_sentences(text[:k], n) == full for k in range(first, len(text) + 1))
+        assert first <= text.index(full) + len(full) + 2        # the end (".", or a newline), then one more character
+    assert sentences_final("Yes. Fine. ", 2) and not sentences_final("Yes. Fine.", 2) and not sentences_final("Yes. ", 0)
+    assert not sentences_final("See No. 5 ", 1)                 # "No." before a number ends no sentence
+
+
 def test_first_passing():
     assert first_passing(["meta_text", None, None]) == 1
     assert first_passing([None]) == 0 and first_passing(["empty", "class_comply"]) is None
@@ -100,7 +119,7 @@ def test_first_passing():
 def scripted(texts, seen=None):
     """A sample_batch stand-in: per stage (initial / critique / revision / distill) the texts to return, per
     sample index. Records every decoded prompt in `seen`."""
-    def fake(model, tokenizer, prompts, args, seed, num_samples=1):
+    def fake(model, tokenizer, prompts, args, seed, num_samples=1, stop_when=None):
         out, done = [], Counter()  # critique mode asks once per candidate: count repeats of a prompt
         for p in prompts:
             full = tokenizer.decode(p)

@@ -59,6 +59,7 @@ import random
 import sys
 import time
 from collections import Counter
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -68,7 +69,7 @@ from minicai.checkpoint import default_model_dir, generation_dtype, resolve_devi
 from minicai.constitution import (CONVERSATION_INTRO, DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, _revision_request,
                                   critique_messages, load_constitution, load_fewshot, render_conversation,
                                   revision_messages, strip_label)
-from minicai.gates import class_reason, cut_sentences, first_passing, text_reason
+from minicai.gates import class_reason, cut_sentences, first_passing, sentences_final, text_reason
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts
@@ -221,12 +222,12 @@ def load_gate_classifier(args):
     return ResponseClassifier()  # no head: the rules
 
 
-def sample_batch(model, tokenizer, prompts, args, seed, num_samples=1) -> list:
+def sample_batch(model, tokenizer, prompts, args, seed, num_samples=1, stop_when=None) -> list:
     """(text, finish_reason) per prompt and sample, ordered prompt0-sample0, prompt0-sample1, ..."""
     gens = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, num_samples=num_samples,
                     stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None,
-                    seed=seed, tokenizer=tokenizer)
+                    seed=seed, tokenizer=tokenizer, stop_when=stop_when)
     return [(g.text.strip(), g.finish_reason) for g in gens]
 
 
@@ -324,7 +325,9 @@ def distill_candidates(batch, rngs, models, constitution, demos, args) -> tuple:
         prompts.append(ids_j)
         conditioning.append({"principles": [p.name for p in principles], "fewshot": chosen[len(chosen) - d:],
                              "truncated": t})
-    outs = sample_batch(models.policy, tok, prompts, args, call_seed(args.seed, "distill", ids), k)
+    # a sample stops once its first --cut-sentences sentences are final: the gate cuts the rest off anyway
+    stop = partial(sentences_final, n=args.cut_sentences) if args.cut_sentences else None
+    outs = sample_batch(models.policy, tok, prompts, args, call_seed(args.seed, "distill", ids), k, stop_when=stop)
     return [[{"text": t, "finish_reason": f} for t, f in outs[j * k:(j + 1) * k]] for j in range(len(batch))], \
         conditioning
 
@@ -384,7 +387,7 @@ def gate_rows(rows, classifier, constitution, args) -> list:
         prompt, instruction = prompt_text(o), instruction_of(o, constitution)
         for c in o["candidates"]:
             c["target"] = cut_sentences(c["text"], args.cut_sentences)
-            c["cut"] = c["target"] != c["text"].strip()
+            c["cut"] = c["target"] != c["text"].strip() or c["finish_reason"] == "stop_when"  # stopped: cut short
             c["reason"] = None if classifier is None else text_reason(c["target"], prompt, c.get("critique", ""),
                                                                       instruction)
             if classifier is not None and c["reason"] is None:

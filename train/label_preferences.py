@@ -307,8 +307,9 @@ def first_passing(labels, texts, ok) -> int | None:
 
 def finish(gen, text) -> str:
     """The finish reason of a candidate as kept: "cut" when --cut-sentences shortened it (it ends at a sentence,
-    so the reward model gives it an EOS), else the sampler's."""
-    return "cut" if text != gen.text.strip() else gen.finish_reason
+    so the reward model gives it an EOS; so does a sample the sampler stopped once its sentences were final),
+    else the sampler's."""
+    return "cut" if text != gen.text.strip() or gen.finish_reason == "stop_when" else gen.finish_reason
 
 
 def gated_chunk(source, chunk, policy, tok, ctx, args):
@@ -324,8 +325,9 @@ def gated_chunk(source, chunk, policy, tok, ctx, args):
             [conditioned(r["messages"], s[2], shots[r["kind"], "rejected"]) for r, s in zip(chunk, sides)]
     gens = generate(policy, [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs],
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, num_samples=n,
-                    seed=chunk_seed(args.seed, [source] + [r["id"] for r in chunk]), tokenizer=tok)
-    texts = [gates.cut_sentences(g.text, args.cut_sentences) for g in gens]
+                    seed=chunk_seed(args.seed, [source] + [r["id"] for r in chunk]), tokenizer=tok,
+                    stop_when=(lambda t: gates.sentences_final(t, args.cut_sentences)) if args.cut_sentences else None)
+    texts = [gates.cut_sentences(g.text, args.cut_sentences) for g in gens]  # a stopped sample: its final sentences
     asked = chunk * 2  # the row behind each conversation; the classifier sees the plain request, not the instruction
     labels = ctx["classifier"].classify_many([dict(request=asked[i // n]["messages"][-1]["content"], response=t,
                                                    kind=asked[i // n]["kind"]) for i, t in enumerate(texts)])
