@@ -461,16 +461,14 @@ def atomic_dir(out_dir, write) -> None:
     promote_dir(stage_dir(out_dir, write), out_dir)
 
 
-def save_pretrained(model: Transformer, tokenizer, out_dir, extra_files: dict | None = None) -> None:
-    """Write an HF-format directory (config.json, model.safetensors, tokenizer files) atomically."""
-    dtype = next(model.parameters()).dtype
-
+def write_hf_dir(out_dir, config: dict, tensors: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+    """The one HF-directory writer: config.json, model.safetensors (tensors {HF name: tensor}), the tokenizer's
+    files and any extra_files {name: text}, all or nothing (atomic_dir)."""
     def write(tmp):
-        cfg = config_to_hf(model.config)
-        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-        save_file({k: v.contiguous().cpu() for k, v in hf_state_dict(model).items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            json.dump(config, f, indent=2)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
@@ -478,3 +476,9 @@ def save_pretrained(model: Transformer, tokenizer, out_dir, extra_files: dict | 
                 f.write(text)
 
     atomic_dir(out_dir, write)
+
+
+def save_pretrained(model: Transformer, tokenizer, out_dir, extra_files: dict | None = None) -> None:
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer files) atomically."""
+    cfg = {**config_to_hf(model.config), "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    write_hf_dir(out_dir, cfg, hf_state_dict(model), tokenizer, extra_files)

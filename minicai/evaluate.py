@@ -528,13 +528,13 @@ def _check_config(models, cfg):
 def evaluate(models, cfg: EvalConfig = None, **overrides) -> dict:
     """Score each checkpoint in `models`; write results.json, summary.md and charts to cfg.out_dir; return the
     results dict. Keyword overrides replace fields of `cfg` (EvalConfig)."""
-    from minicai.checkpoint import generation_dtype
+    from minicai.checkpoint import generation_dtype, resolve_device
 
     cfg = dataclasses.replace(cfg or EvalConfig(), **overrides)
     models = [str(m) for m in models]
     _check_config(models, cfg)
     inputs = read_inputs(cfg)
-    cfg = dataclasses.replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))
     if cfg.dtype == "auto":
         cfg = dataclasses.replace(cfg, dtype=generation_dtype(cfg.device))
     baseline = str(cfg.baseline) if cfg.baseline is not None else models[0]

@@ -6,13 +6,12 @@ apply the inverse permutation. Llama-architecture files (Llama, SmolLM2, Mistral
 
 Layer: above minicai.checkpoint and minicai.tokenizer, below minicai.pretrained (which converts "default" with it).
 """
-import json
 import os
 
 import numpy as np
 import torch
 
-from minicai.checkpoint import atomic_dir, config_from_hf, config_to_hf, hf_state_dict
+from minicai.checkpoint import config_from_hf, config_to_hf, hf_state_dict, write_hf_dir
 from minicai.model import Transformer
 from minicai.tokenizer import GPT2_DIGITS_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, Tokenizer
 
@@ -163,16 +162,7 @@ def convert_gguf(gguf_path, out_dir, dtype=torch.float32) -> None:
     if missing:
         raise ValueError(f"{gguf_path}: missing tensor(s) {missing[:5]}")
 
-    def write(tmp):
-        from safetensors.torch import save_file
-
-        out_cfg = {**config_to_hf(cfg), "torch_dtype": str(dtype).replace("torch.", "")}
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(out_cfg, f, indent=2)
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-
-    atomic_dir(out_dir, write)
+    write_hf_dir(out_dir, {**config_to_hf(cfg), "torch_dtype": str(dtype).replace("torch.", "")}, state, tokenizer)
 
 
 def add_args(p, name):

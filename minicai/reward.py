@@ -25,13 +25,11 @@ learnt one (as in rule-based rewards, Mu et al. 2024), so PPO is paid for the be
 and not only for what a reward model fit on few, noisy pairs likes (issue #14 saw PPO learn evasive one-liners).
 """
 import dataclasses
-import json
-import os
 
 import torch
 import torch.nn as nn
 
-from minicai.checkpoint import _dtype, atomic_dir, config_to_hf, hf_state_dict, load_state, read_config, weight_files
+from minicai.checkpoint import _dtype, config_to_hf, hf_state_dict, load_state, read_config, weight_files, write_hf_dir
 from minicai.model import Transformer
 from minicai.pretrained import resolve_path
 
@@ -102,24 +100,10 @@ def load_reward_model(path, dtype=torch.float32, device="cpu", init_from_lm=Fals
 def save_reward_model(rm: RewardModel, tokenizer, out_dir, extra_files: dict | None = None) -> None:
     """HF *ForSequenceClassification layout (config.json, model.safetensors, tokenizer files, any
     extra_files {name: text}), written atomically."""
-    from safetensors.torch import save_file
-
-    def write(tmp):
-        cfg = config_to_hf(rm.config)
-        cfg.update(architectures=[SEQ_CLS_ARCH[rm.config.model_type]], num_labels=1, id2label={"0": "LABEL_0"},
-                   label2id={"LABEL_0": 0}, torch_dtype=str(rm.score.weight.dtype).replace("torch.", ""))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-        tensors = {k: v.contiguous().cpu() for k, v in hf_state_dict(rm.trunk).items()}
-        tensors["score.weight"] = rm.score.weight.detach().contiguous().cpu()
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-
-    atomic_dir(out_dir, write)
+    cfg = config_to_hf(rm.config)
+    cfg.update(architectures=[SEQ_CLS_ARCH[rm.config.model_type]], num_labels=1, id2label={"0": "LABEL_0"},
+               label2id={"LABEL_0": 0}, torch_dtype=str(rm.score.weight.dtype).replace("torch.", ""))
+    write_hf_dir(out_dir, cfg, {**hf_state_dict(rm.trunk), "score.weight": rm.score.weight}, tokenizer, extra_files)
 
 
 # ----------------------------------------------------------------------------- the classifier's verdict as a reward
