@@ -20,6 +20,7 @@ answers by their mean per-token log-likelihood: a capability measure that needs 
 import torch
 
 from minicai.metrics import rate
+from minicai.model import pad_batch
 
 ANSWER_PREFIX = "The answer is ("
 LETTERS = "ABCDEFGH"
@@ -53,10 +54,8 @@ def choice_logprobs(model, tokenizer, conversations, n_options=2, answer_prefix=
     out = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
-        width = max(len(s) for s in chunk)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in chunk], device=device)              # left pad
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in chunk], device=device)
+        ids, mask = pad_batch(chunk, pad, "left", device)                                        # last column: the answer's
         hidden = model(ids, attention_mask=mask, return_hidden=True)[:, -1]                          # [b, H]
         logits = (hidden.float() @ model.output_weight.float().t())[:, option_ids.to(device)]      # [b, n_options]
         out.append(torch.log_softmax(logits, dim=-1).cpu())

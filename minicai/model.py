@@ -88,6 +88,23 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
+def pad_batch(seqs, pad_id=0, side="left", device=None) -> tuple:
+    """Token-id lists -> (input_ids, attention_mask) [B, T] long, T the longest, 1 = real token: the batch layout
+    forward's attention_mask describes. Left padding puts every row's last token in the last column (sampling,
+    scoring a sequence's end); right padding keeps positions from 0 (training: causal attention alone keeps it
+    out of every real token's view)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_batch: side must be 'left' or 'right', got {side!r}")
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 class KVCache:
     """Preallocated keys/values for every layer: k, v [n_layers, B, Hkv, max_len, D].
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from minicai.io import atomic_write
+from minicai.model import pad_batch
 from minicai.refusal import (_LECTURE_WEAK, _WARNING, CLASSES, TAGS, _check, _normalize, decide, declined, harmful_help,
                              load_labelled, measure, prompt_text)
 
@@ -111,14 +112,10 @@ def hidden_features(model, tok, pairs, layers=LAYERS, batch_size: int = 16) -> t
     try:
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            T = max(len(enc[i][0]) for i in idx)
-            ids = torch.full((len(idx), T), tok.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros(len(idx), T, dtype=torch.long)
-            pool, qpool = torch.zeros(len(idx), T), torch.zeros(len(idx), T)
+            ids, mask = pad_batch([enc[i][0] for i in idx], tok.pad_token_id or 0, "right")
+            pool, qpool = torch.zeros(ids.shape), torch.zeros(ids.shape)
             for j, i in enumerate(idx):
                 seq, start = enc[i]
-                ids[j, :len(seq)] = torch.tensor(seq)
-                mask[j, :len(seq)] = 1
                 pool[j, start:len(seq)] = 1.0 / (len(seq) - start)
                 qpool[j, 1:start] = 1.0 / max(start - 1, 1)
             model(ids.to(dev), attention_mask=mask.to(dev), return_hidden=True)

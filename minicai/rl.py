@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from minicai.logprobs import token_logprobs
+from minicai.model import pad_batch
 
 IGNORE = -100
 
@@ -166,9 +167,7 @@ def score_sequences(reward_fn, prompts, responses, pad_id, device=None) -> torch
     """reward_fn(input_ids, attention_mask) -> [B] on prompt + response, left padded as one sequence, so
     the last column is every row's last real token (the EOS when the response has one)."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    T = max(map(len, seqs))
-    ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=device)
+    ids, mask = pad_batch(seqs, pad_id, "left", device)
     with torch.no_grad():
         scores = reward_fn(ids, mask)
     if scores.shape != (len(seqs),):

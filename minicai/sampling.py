@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 import torch
 
-from minicai.model import KVCache
+from minicai.model import KVCache, pad_batch
 from minicai.prepack import prepacked_weights
 
 NUCLEUS_CANDIDATES = 256  # top-p sorts these first (all the vocabulary only when they hold less than top_p)
@@ -219,8 +219,7 @@ def prefill(model, rows, max_new_tokens, device, dtype):
     logits = []
     for start, end in prefill_groups([len(r) for r in rows]):
         group, width = rows[start:end], len(rows[start])
-        ids = torch.tensor([[0] * (width - len(r)) + r for r in group], device=device)  # pad id 0 is masked
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in group], device=device)
+        ids, mask = pad_batch(group, 0, "left", device)               # pad id 0 is masked
         hidden = model(ids, attention_mask=mask if len(group[-1]) < width else None,
                        kv_cache=CacheRows(cache, start, end, L - width), return_hidden=True)
         logits.append(model.unembed(hidden[:, -1]).float())           # only the last position's logits

@@ -21,12 +21,10 @@ Malformed JSON, a row that fits none of these, or fields of the wrong type raise
 file:line. An empty (or all-whitespace) response is not an error: the row is skipped and counted, as is
 a row longer than max_len tokens (see build_examples).
 """
-
-import torch
-
 from minicai.constitution import as_messages
 from minicai.garak_data import check_trainable_messages
 from minicai.io import read_jsonl_lines
+from minicai.model import pad_batch
 
 IGNORE = -100
 
@@ -92,14 +90,6 @@ def build_examples(tokenizer, rows, max_len) -> tuple:
 def collate(examples, pad_id=0) -> dict:
     """Right-pad a list of examples: input_ids, attention_mask (1 = real), labels (-100 on padding), all
     [B, T] long tensors. pad_id only fills input_ids; padding is excluded from the loss by position."""
-    T = max(len(e["input_ids"]) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e["labels"])
+    ids, mask = pad_batch([e["input_ids"] for e in examples], pad_id, "right")
+    labels = pad_batch([e["labels"] for e in examples], IGNORE, "right")[0]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
