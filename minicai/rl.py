@@ -22,7 +22,6 @@ in Ziegler et al. 2019's lm-human-preferences and TRL's value-head models): one 
 values, and memory is one model. The price is that the value loss also moves the trunk; its weight
 (vf_coef) keeps that small. The head is zero-initialised, so V starts at 0 instead of at noise.
 """
-import resource
 from contextlib import nullcontext
 
 import torch
@@ -173,25 +172,4 @@ def score_sequences(reward_fn, prompts, responses, pad_id, device=None) -> torch
     if scores.shape != (len(seqs),):
         raise ValueError(f"reward model returned shape {tuple(scores.shape)}, expected [{len(seqs)}]")
     return scores.float()
-
-
-def reset_peak_memory(device) -> None:
-    """Start a new peak for peak_memory_mb, so each stage reports its own: CUDA's allocator statistics, or on
-    Linux the resident high-water mark ("5" to /proc/self/clear_refs). Where that file cannot be written the
-    CPU peak stays the process's peak so far."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory of this process: allocated CUDA memory on a GPU, the peak resident set size on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 
@@ -523,6 +524,27 @@ def add_speed_flags(parser, bucket=True) -> None:
         parser.add_argument("--bucket-window", type=int, default=8,
                             help="sort each window of this many batches of the shuffled order by length, so batches "
                                  "pad little (1 = plain shuffled order)")
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak for peak_memory_mb, so each stage reports its own: CUDA's allocator statistics, or on
+    Linux the resident high-water mark ("5" to /proc/self/clear_refs). Where that file cannot be written the
+    CPU peak stays the process's peak so far."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: allocated CUDA memory on a GPU, the peak resident set size on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def micro_batches(n, batch_size, seed, position, lengths=None, window=1):

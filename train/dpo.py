@@ -55,7 +55,7 @@ from minicai.io import atomic_write
 from minicai.losses import dpo_loss
 from minicai.preferences import encode_pair, read_pairs, split_by_prompt
 from minicai.pretrained import load_model, resolve_path
-from minicai.rl import completion_logprobs, peak_memory_mb, reset_peak_memory
+from minicai.rl import completion_logprobs
 from minicai.sft_data import IGNORE, collate
 from minicai.tokenizer import load_tokenizer
 
@@ -291,10 +291,10 @@ def run(args):
                                      args.max_loss_jump)
 
     model = load_policy(path, args)
-    peaks = {"load": peak_memory_mb(args.device)}
-    reset_peak_memory(args.device)
+    peaks = {"load": training.peak_memory_mb(args.device)}
+    training.reset_peak_memory(args.device)
     ref = cached_reference(model, train_pairs, eval_pairs, pad_id, args, path)
-    peaks["reference"] = peak_memory_mb(args.device)
+    peaks["reference"] = training.peak_memory_mb(args.device)
     lengths = [pair_length(p) for p in train_pairs]
 
     opt = training.make_optimizer(model, args.lr, weight_decay=args.weight_decay)
@@ -315,15 +315,15 @@ def run(args):
         m = train_step(model, opt, train_pairs, ref["train"], rows, pad_id, args, step, guard)
         n_tok = sum(len(train_pairs[i][k]) + len(train_pairs[i]["prompt"]) for i in rows for k in ("chosen", "rejected"))
         return {**m, "step": step + 1, "epoch": step / steps_per_epoch, "lr": lr,
-                "tok_s": n_tok / max(time.perf_counter() - t0, 1e-9), "peak_mem_mb": peak_memory_mb(args.device)}, None
+                "tok_s": n_tok / max(time.perf_counter() - t0, 1e-9), "peak_mem_mb": training.peak_memory_mb(args.device)}, None
 
     model.train()
     end = total if not args.stop_after else min(total, start + args.stop_after)
-    reset_peak_memory(args.device)
+    training.reset_peak_memory(args.device)
     step, _ = training.train_loop(one_step, model, opt, guard, start=start, end=end, log_path=log_path,
                                   schedule=dict(lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.min_lr_ratio),
                                   save_every=args.save_every, show=partial(show, total=total), quiet=args.quiet)
-    peaks["train"] = peak_memory_mb(args.device)
+    peaks["train"] = training.peak_memory_mb(args.device)
     print("dpo: peak memory " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
     rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"),
                                keys=("loss", "reward_margin", "reward_accuracy"), title=f"DPO ({args.loss})")

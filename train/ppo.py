@@ -42,7 +42,7 @@ from minicai.losses import (AdaptiveKLController, explained_variance, gae_advant
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.pretrained import load_model, resolve_path
 from minicai.prompts import read_prompts
-from minicai.rl import ValueHead, collate, peak_memory_mb, response_logprobs, score_sequences, select_rows
+from minicai.rl import ValueHead, collate, response_logprobs, score_sequences, select_rows
 from minicai.tokenizer import load_tokenizer
 
 parser = training.script_parser(__doc__)
@@ -214,7 +214,7 @@ def ppo_step(step, policy, value_head, ref, reward_fn, opt, kl_ctl, prompts, tok
         # the sampler's own speed (generated tokens / seconds in generate); rollout_s adds the reward model
         "rollout_tok_s": float(lengths.sum()) / max(t_generate, 1e-9),
         "update_tok_s": n_tokens * (args.ppo_epochs + 1) / max(t_update, 1e-9),
-        "rollout_s": t_rollout, "update_s": t_update, "peak_mem_mb": peak_memory_mb(dev),
+        "rollout_s": t_rollout, "update_s": t_update, "peak_mem_mb": training.peak_memory_mb(dev),
         "lr": opt.param_groups[0]["lr"],
     }
     samples = [{"step": step + 1, "prompt": prompts[i]["text"], "response": g.text, "score": float(s)}

@@ -43,7 +43,6 @@ from minicai.io import atomic_write
 from minicai.logprobs import cross_entropy_loss
 from minicai.lora import apply_lora, merge_lora
 from minicai.pretrained import load_pretrained
-from minicai.rl import peak_memory_mb, reset_peak_memory
 from minicai.sft_data import IGNORE, build_examples, collate, read_sft_rows
 from minicai import training
 
@@ -152,8 +151,8 @@ def run(args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = training.micro_batches(len(examples), args.batch_size, args.seed, position,
                                      lengths=[len(e["input_ids"]) for e in examples], window=args.bucket_window)
-    load_mb, t0 = peak_memory_mb(device), time.time()
-    reset_peak_memory(device)
+    load_mb, t0 = training.peak_memory_mb(device), time.time()
+    training.reset_peak_memory(device)
 
     def one_step(step, lr):  # the next grad-accum micro-batches of the data order, sft_step, the log row
         micro = []
@@ -165,14 +164,14 @@ def run(args):
         return {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": m["tokens"],
                 "epoch": position["epoch"] + position["batch"] / math.ceil(len(examples) / args.batch_size),
                 "tok_s": round(m["real_tokens"] / (time.perf_counter() - t), 1), "padding": round(m["padding"], 4),
-                "peak_mem_mb": round(peak_memory_mb(device)), "elapsed_s": round(time.time() - t0, 3)}, position
+                "peak_mem_mb": round(training.peak_memory_mb(device)), "elapsed_s": round(time.time() - t0, 3)}, position
 
     step, position = training.train_loop(
         one_step, model, optimizer, guard, start=step, end=total, position=position, log_path=log_path,
         schedule=dict(lr=args.lr, warmup=int(args.warmup_ratio * total), total=total, min_ratio=args.min_lr_ratio),
         save_every=args.save_every, extra={"n_examples": len(examples), "total_steps": total}, quiet=args.quiet,
         show=lambda r: {"loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok_s": f"{r['tok_s']:.0f}"})
-    print(f"sft: peak memory {load_mb:.0f} MB loading, {peak_memory_mb(device):.0f} MB training")
+    print(f"sft: peak memory {load_mb:.0f} MB loading, {training.peak_memory_mb(device):.0f} MB training")
     rows = training.finish_log(log_path, step, png_path, title=f"SFT loss ({os.path.basename(args.out.rstrip('/'))})")
     if lora:
         merge_lora(model)
