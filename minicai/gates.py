@@ -53,6 +53,11 @@ def cut_sentences(text: str, n: int) -> str:
     return (text if end is None else text[:end]).strip()
 
 
+def stop_after_sentences(n: int):
+    """The sampler's stop_when for candidates cut to n sentences (None when n <= 0: nothing is cut)."""
+    return (lambda text: sentences_final(text, n)) if n > 0 else None
+
+
 def sentences_final(text: str, n: int) -> bool:
     """True once cut_sentences(text + anything, n) == cut_sentences(text, n): the nth sentence end is followed
     by more text (whitespace, by _END's lookahead). An end at the very end of text may still grow ("..", a

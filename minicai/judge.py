@@ -84,21 +84,6 @@ def compare_pairs(model, tokenizer, conversations, responses_a, responses_b, que
     return (p_first + p_second) / 2, p_first, p_second
 
 
-def principle_question(conversation, response, principle) -> list:
-    """Does `response` follow `principle`? (A) yes, (B) no."""
-    transcript = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in conversation)
-    text = (f"Consider this conversation between a human and an AI assistant:\n\n{transcript}\n\n"
-            f"ASSISTANT: {response}\n\nPrinciple: {principle}\n\nDoes the assistant's last response follow the "
-            f"principle?\nOptions:\n(A) Yes\n(B) No\n\nAnswer with the letter of your choice.")
-    return [{"role": "user", "content": text}]
-
-
-def score_responses(model, tokenizer, conversations, responses, principle, batch_size=8) -> torch.Tensor:
-    """P(yes, the response follows `principle`) for each (conversation, response)."""
-    qs = [principle_question(c, r, principle) for c, r in zip(conversations, responses)]
-    return choice_logprobs(model, tokenizer, qs, n_options=2, batch_size=batch_size).exp()[:, 0]
-
-
 CONTENT_FREE = "N/A"
 
 

@@ -48,7 +48,7 @@ Deviations / choices:
   reference may have its own hidden size; only V must match. Per-token loss weights are constants too.
 - Double backward is not supported.
 
-Also here: the sampled-token KL estimators k1/k2/k3.
+The sampled-token KL estimators k1/k2/k3 (what PPO's reward and metrics use) live in minicai.losses.
 """
 import torch
 
@@ -337,24 +337,3 @@ def cross_entropy_loss(hidden, weight, targets, *, bias=None, ignore_index=-100,
     on = torch.is_grad_enabled()
     need = [on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     return _FusedCrossEntropy.apply(hidden2, weight, bias, targets2, coef, rows, float(temperature), int(cn), *need)
-
-
-# Sampled-token KL estimators. With x ~ p (the policy sampled the token), logp = log p(x) and
-# ref_logp = log q(x), each is an estimate of KL(p || q) per token; average them over tokens.
-# Source for all three: John Schulman, "Approximating KL Divergence" (blog post, 2020).
-
-def kl_k1(logp, ref_logp):
-    """k1 = log p(x) - log q(x) = -log r, r = q/p. Unbiased, high variance, can be negative (Schulman 2020)."""
-    return logp - ref_logp
-
-
-def kl_k2(logp, ref_logp):
-    """k2 = 0.5 (log p(x) - log q(x))^2. Biased but low variance, never negative (Schulman 2020)."""
-    return 0.5 * (logp - ref_logp) ** 2
-
-
-def kl_k3(logp, ref_logp):
-    """k3 = (r - 1) - log r with r = q(x)/p(x). Unbiased, low variance, never negative since
-    log r <= r - 1 (Schulman 2020). Clamped at 0 against rounding."""
-    log_r = ref_logp - logp
-    return (torch.expm1(log_r) - log_r).clamp_min(0)

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 
-
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable rank-r update (eq. 3)."""
 

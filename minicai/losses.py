@@ -9,7 +9,9 @@ scripts in train/ only plumb. Papers and equations:
   with noisy preferences"), IPO (Azar et al. 2023 eq. 17);
 - PPO clipped surrogate (Schulman et al. 2017 eq. 7), value clipping (OpenAI baselines ppo2, as used by
   Ziegler et al. 2019), GAE (Schulman et al. 2016 eq. 16), the per-token KL-penalised reward (Ziegler et
-  al. 2019 eq. 2, Stiennon et al. 2020 eq. 1) and its adaptive coefficient (Ziegler et al. 2019 sec. 2.2).
+  al. 2019 eq. 2, Stiennon et al. 2020 eq. 1) and its adaptive coefficient (Ziegler et al. 2019 sec. 2.2);
+- the sampled-token KL estimators k1 / k2 / k3 (Schulman 2020), once: the reward's kl_t, PPO's approx_kl and
+  its logged KL all call them.
 
 Layout for per-token tensors: [B, T] over the *response* tokens only, right padded: mask[b, t] = 1 for
 real response tokens (a prefix of each row), 0 after. Padded positions never affect a result, whatever
@@ -164,7 +166,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2):
     loss = masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
         metrics = {"clip_fraction": masked_mean((clipped > unclipped).float(), m),
-                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, m),
+                   "approx_kl": masked_mean(kl_k3(torch.zeros_like(log_ratio), log_ratio), m),  # r = new / old
                    "ratio": masked_mean(ratio, m)}
     return loss, metrics
 
@@ -208,13 +210,25 @@ def gae_advantages(rewards, values, mask, *, gamma=1.0, lam=0.95):
     return adv, torch.where(m, adv + v, 0)
 
 
-def _kl_k1(logprobs, ref_logprobs):
-    return logprobs - ref_logprobs  # unbiased estimator of KL(pi || ref), samples from pi
+# Sampled-token KL estimators. With x ~ p (the policy sampled the token), logp = log p(x) and
+# ref_logp = log q(x), each is an estimate of KL(p || q) per token; average them over tokens.
+# Source for all three: John Schulman, "Approximating KL Divergence" (blog post, 2020).
+
+def kl_k1(logp, ref_logp):
+    """k1 = log p(x) - log q(x) = -log r, r = q/p. Unbiased, high variance, can be negative (Schulman 2020)."""
+    return logp - ref_logp
 
 
-def _kl_k3(logprobs, ref_logprobs):
-    d = ref_logprobs - logprobs  # log(ref / pi); k3 = (ref/pi - 1) - log(ref/pi) >= 0, unbiased
-    return torch.expm1(d) - d
+def kl_k2(logp, ref_logp):
+    """k2 = 0.5 (log p(x) - log q(x))^2. Biased but low variance, never negative (Schulman 2020)."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp, ref_logp):
+    """k3 = (r - 1) - log r with r = q(x)/p(x). Unbiased, low variance, never negative since
+    log r <= r - 1 (Schulman 2020). Clamped at 0 against rounding."""
+    log_r = ref_logp - logp
+    return (torch.expm1(log_r) - log_r).clamp_min(0)
 
 
 @torch.no_grad()
@@ -234,7 +248,7 @@ def kl_penalized_rewards(score, logprobs, ref_logprobs, mask, *, kl_coef, estima
     lengths = m.sum(1)
     if (lengths == 0).any():
         raise ValueError(f"rows {lengths.eq(0).nonzero().flatten().tolist()} of mask have no valid token")
-    kl_fn = {"k1": _kl_k1, "k3": _kl_k3}.get(estimator)
+    kl_fn = {"k1": kl_k1, "k3": kl_k3}.get(estimator)
     if kl_fn is None:
         raise ValueError(f"estimator {estimator!r}: expected 'k1' or 'k3'")
     rewards = torch.where(m, -kl_coef * kl_fn(logprobs, ref_logprobs), 0)

@@ -94,6 +94,8 @@ def prepacked_weights(model, enabled: bool = True):
                     shadow(m, groups[0], packed, bias, sizes)
                     shadowed.append((m, groups[0]))
                     done.update(map(id, members))
+            if getattr(model, "lm_head", None) is not None:
+                done.add(id(model.lm_head))  # an untied head is the unembedding: packed once, for unembed below
             for m in model.modules():
                 if type(m) is nn.Linear and id(m) not in done:
                     shadow(m, "forward", pack(m.weight), None if m.bias is None else m.bias.detach())

@@ -272,7 +272,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=
         tokenizer=tokenizer, callback=callback, max_new_tokens=N)
     with prepacked_weights(model, enabled=prepack):  # packed copies live for this call only
         cache, logits = prefill(model, [rows[r] for r in order], N, device, dtype)
-        decode_dynamic(model, cache, logits, state)
+        decode(model, cache, logits, state)
     return finish(state.out, tokenizer, stop_strings)
 
 
@@ -335,7 +335,7 @@ def record(toks, lps, raws, state) -> list:
     return done
 
 
-def decode_dynamic(model, cache, logits, state) -> None:
+def decode(model, cache, logits, state) -> None:
     """One token per step for the rows still running: finished rows leave the batch (KVCache.keep_rows), and
     cache positions that are padding in every remaining row are cut off the front (they only cost attention)."""
     padded = bool((state.mask[:, :state.col] == 0).any())             # no padding: skip masks (faster attention)

@@ -40,6 +40,7 @@ Layout of a state directory:
                             Python and NumPy RNG states, anything the trainer adds in `extra`
 """
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -60,7 +61,8 @@ from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl
 __all__ = ["make_optimizer", "lr_at", "set_lr", "check_finite", "save_resume_state", "load_resume_state", "DivergenceGuard",
            "DivergenceError", "start_run", "check_flags", "append_jsonl", "truncate_log", "plot_losses",
            "trainable_named_parameters", "autocast", "sort_in_windows", "micro_batches", "script_args",
-           "resume_state", "clip_and_step", "train_loop", "finish_log", "script_main", "script_parser"]
+           "resume_state", "clip_and_step", "train_loop", "finish_log", "script_main", "script_parser",
+           "add_train_flags", "add_speed_flags", "peak_memory_mb", "reset_peak_memory", "digest"]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -341,6 +343,12 @@ def resume_state(state_dir, model, optimizer, guard, logs=(), same=None, name="t
     return step, meta["data_position"], extra
 
 
+def digest(data) -> str:
+    """A short hash of JSON-able data (a trainer's examples as tokenised): resume_state's `same` check for
+    trainers whose data is not summed up by a count."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def clip_and_step(optimizer, step, loss, grad_clip=0.0, guard=None) -> float:
     """The end of every optimizer step, after the backward: clip the global gradient norm to grad_clip (0 =
     off), let the DivergenceGuard check the loss and the norm as step + 1 before the update, update, zero the
@@ -486,6 +494,8 @@ def _check_field(action, value) -> None:
         return
     if many and not isinstance(value, (list, tuple)):
         raise ValueError(f"{flag} takes a list, got {value!r}")
+    if action.nargs == "+" and not value:
+        raise ValueError(f"{flag} needs at least one value")
     kind = {int: (int,), float: (int, float), None: (str,)}.get(action.type, (object,)) if action.nargs != 0 else (bool,)
     for v in value if many else [value]:
         if isinstance(v, bool) != (kind == (bool,)) or not isinstance(v, kind):

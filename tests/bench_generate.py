@@ -110,7 +110,7 @@ def main(args):
         hf_model.generation_config.eos_token_id = None  # decode all new tokens, like stop_token_ids=[] for ours
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    ours([prompts[0]], 4)  # warm-up (allocator, thread pools, compile)
+    ours([prompts[0]], 4)  # warm-up (allocator, thread pools)
     if hf_model is not None:
         hf_generate(hf_model, [prompts[0]], 4, pad, args.device)
     for bs in args.batch_sizes:

@@ -178,7 +178,7 @@ def run_minicai_dpo(ctx):
     args, device, pairs, pad = ctx["args"], ctx["device"], ctx["pairs"], ctx["pad_id"]
     dargs = dpo.parser.parse_args(["--data", "-", "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                                    "--beta", str(args.beta), "--device", str(device), "--autocast", ctx["autocast"]])
-    dargs.micro_batch_size = dargs.batch_size  # as train.dpo's main sets it
+    dargs.micro_batch_size = dargs.batch_size  # as train.dpo's run sets it
     model = load_model(ctx["path"], dtype=torch.float32, device=device)
     ctx["after_load_mb"] = rss_mb()
     t0 = time.perf_counter()

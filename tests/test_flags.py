@@ -39,6 +39,8 @@ def test_script_args_is_parse_args_from_python_values():
         script_args(sft.parser, data=["a"], out="o", no_such_flag=1)
     with pytest.raises(ValueError, match="missing required --data"):
         script_args(reward_model.parser, out="o")
+    with pytest.raises(ValueError, match="--data needs at least one value"):  # nargs="+", as parse_args says
+        script_args(sft.parser, data=[], out="o")
     with pytest.raises(ValueError, match=r"--autocast='fast': expected one of"):
         script_args(dpo.parser, data=["a"], autocast="fast")
     for bad in (dict(max_steps="3"), dict(max_steps=1.5), dict(data="a.jsonl"), dict(resume="yes")):

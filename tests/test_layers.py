@@ -77,6 +77,30 @@ def test_loading_stack_imports_only_downwards():
         assert not graph[mod] & above, f"{mod} imports {sorted(graph[mod] & above)}, which sit above it"
 
 
+def readme_levels(path=os.path.join(os.path.dirname(PKG), "README.md")) -> dict:
+    """minicai module -> its level in README's layer diagram (lines "level N     a, b, c")."""
+    levels = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("level "):
+                n, names = line[len("level "):].split(None, 1)
+                for name in names.split('"')[0].split(","):  # a quoted note may follow the names
+                    if name.strip():
+                        levels[f"minicai.{name.split()[0]}"] = int(n)
+    return levels
+
+
+def test_readme_layer_diagram_is_the_import_graph():
+    """Every module is on the diagram, and each imports only modules on lower rows (the README's promise)."""
+    graph, levels = import_graph(), readme_levels()
+    modules = set(graph) - {"minicai"}  # the package's __init__ hands names on lazily
+    assert modules == set(levels), f"on the diagram but not in minicai/: {sorted(set(levels) - modules)}; " \
+                                   f"in minicai/ but not on the diagram: {sorted(modules - set(levels))}"
+    for mod in modules:
+        up = sorted(d for d in graph[mod] if d != "minicai" and levels[d] >= levels[mod])
+        assert not up, f"{mod} (level {levels[mod]}) imports {up} on its own row or above"
+
+
 if __name__ == "__main__":
     g = import_graph()
     for mod in STACK:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minicai import backend
-from minicai.logprobs import cross_entropy_loss, kl_k1, kl_k2, kl_k3, token_logprobs
+from minicai.logprobs import cross_entropy_loss, token_logprobs
+from minicai.losses import kl_k1, kl_k2, kl_k3
 
 
 def naive(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,

@@ -83,6 +83,9 @@ def test_pipeline_end_to_end_skip_and_resume(tiny_chat_model_dir, tmp_path, monk
     text = open(report).read()
     for label in ("base", "SL-CAI", "RL-CAI (PPO)", "RL-CAI (DPO)"):
         assert label in text
+    for stage, png in (("03_sft", "model/loss.png"), ("05_reward_model", "model/loss.png"), ("06_ppo", "curves.png"),
+                       ("08_dpo", "curves.png")):  # every trainer's plot, where its stage says it is
+        assert f"![{stage}]({stage}/{png})" in text and os.path.exists(out / stage / png)
     numbers = json.load(open(out / "report.json"))
     metrics = numbers["evaluations"]["09_eval"]
     assert len(metrics) == 4 and all(any(k.startswith("harmful_compliance/") for k in m)

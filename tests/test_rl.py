@@ -305,6 +305,18 @@ def test_dpo_resume_equals_uninterrupted_and_eval(tiny_dir, tmp_path):
     assert ev["after"]["reward_margin"] != 0.0
 
 
+def test_dpo_resume_on_other_pairs_is_refused(tiny_dir, tmp_path):
+    """Same count, other text: the digest of the tokenised pairs tells them apart (a resume would train on a new
+    split with the old optimizer state)."""
+    from train import dpo
+
+    dpo.main(dpo_args(tiny_dir, write_prefs(tmp_path / "p.jsonl"), tmp_path / "cut", "--stop-after", "1"))
+    other = tmp_path / "q.jsonl"
+    other.write_text((tmp_path / "p.jsonl").read_text().replace("Answer number", "Reply number"))
+    with pytest.raises(ValueError, match="--resume needs the same data"):
+        dpo.main(dpo_args(tiny_dir, other, tmp_path / "cut", "--resume"))
+
+
 def test_dpo_lora_reference_is_the_base(tiny_dir, tmp_path):
     from train import dpo
 

@@ -109,6 +109,7 @@ def test_prepacked_weights_match_plain_linear_and_are_dropped_on_exit(arch):
             # q/k/v (and SwiGLU's gate/up) are packed as one matrix each; every other linear on its own
             fused = {id(lin) for a in attns for lin in (a.q, a.k, a.v)}
             fused |= {id(lin) for b in model.blocks if arch == "llama" for lin in (b.mlp.gate, b.mlp.up)}
+            fused |= {id(getattr(model, "lm_head", None))}  # an untied head is packed once, as the unembedding
             assert all("project" in vars(a) for a in attns) and "unembed" in vars(model)
             assert all(("gate_up" in vars(b.mlp)) == (arch == "llama") for b in model.blocks)
             assert all(("forward" in vars(m)) == (id(m) not in fused) for m in linears)

@@ -17,7 +17,8 @@ Routing: principles and demonstrations are drawn only among those whose `applies
 Best-of-n: the last round (distill: the one sample) draws --best-of candidates per prompt (critique mode: that
 many critiques, each with its own revision) and the row keeps the first that passes the gate.
 Gate (minicai.gates; --gate off keeps every first candidate): each candidate is cut to its first
---cut-sentences sentences (0 = not cut), then must not be empty, meta-text, or a copy of its critique or
+--cut-sentences sentences (0 = not cut; distill samples stop once those are final, gates.sentences_final, as
+the rest would be cut off), then must not be empty, meta-text, or a copy of its critique or
 instruction, and the response classifier must give the class the kind expects (refuse for harmful, comply for
 benign). --gate head is the validated classifier (minicai.refusal_head: rules + a head on the default model's
 hidden states); it loads the default model, so with any other --model (a tiny test model) the rules are used
@@ -59,7 +60,6 @@ import random
 import sys
 import time
 from collections import Counter
-from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -69,7 +69,7 @@ from minicai.checkpoint import default_model_dir, generation_dtype, resolve_devi
 from minicai.constitution import (CONVERSATION_INTRO, DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, _revision_request,
                                   critique_messages, load_constitution, load_fewshot, render_conversation,
                                   revision_messages, strip_label)
-from minicai.gates import class_reason, cut_sentences, first_passing, sentences_final, text_reason
+from minicai.gates import class_reason, cut_sentences, first_passing, stop_after_sentences, text_reason
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts
@@ -326,8 +326,8 @@ def distill_candidates(batch, rngs, models, constitution, demos, args) -> tuple:
         conditioning.append({"principles": [p.name for p in principles], "fewshot": chosen[len(chosen) - d:],
                              "truncated": t})
     # a sample stops once its first --cut-sentences sentences are final: the gate cuts the rest off anyway
-    stop = partial(sentences_final, n=args.cut_sentences) if args.cut_sentences else None
-    outs = sample_batch(models.policy, tok, prompts, args, call_seed(args.seed, "distill", ids), k, stop_when=stop)
+    outs = sample_batch(models.policy, tok, prompts, args, call_seed(args.seed, "distill", ids), k,
+                        stop_when=stop_after_sentences(args.cut_sentences))
     return [[{"text": t, "finish_reason": f} for t, f in outs[j * k:(j + 1) * k]] for j in range(len(batch))], \
         conditioning
 

@@ -300,7 +300,8 @@ def run(args):
     opt = training.make_optimizer(model, args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total = args.epochs * steps_per_epoch
-    start = training.resume_state(state_dir, model, opt, guard, [log_path], name="dpo")[0] if resuming else 0
+    same = {"n_train": len(train_pairs), "n_eval": len(eval_pairs), "pairs": training.digest([train_pairs, eval_pairs])}
+    start = training.resume_state(state_dir, model, opt, guard, [log_path], same=same, name="dpo")[0] if resuming else 0
     if not resuming:  # what --resume reads back
         atomic_write(os.path.join(args.out, "eval_before.json"),
                      json.dumps(evaluate(model, eval_pairs, ref["eval"], pad_id, args), indent=2))
@@ -322,7 +323,8 @@ def run(args):
     training.reset_peak_memory(args.device)
     step, _ = training.train_loop(one_step, model, opt, guard, start=start, end=end, log_path=log_path,
                                   schedule=dict(lr=args.lr, warmup=args.warmup, total=total, min_ratio=args.min_lr_ratio),
-                                  save_every=args.save_every, show=partial(show, total=total), quiet=args.quiet)
+                                  save_every=args.save_every, show=partial(show, total=total), quiet=args.quiet,
+                                  extra=same)
     peaks["train"] = training.peak_memory_mb(args.device)
     print("dpo: peak memory " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
     rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"),

@@ -34,7 +34,8 @@ demonstrations and the 2-sentence cut, 7 of 20 contrastive (5 of 12 harmful; one
 then) and, with the harmful refusals added to the benign refusal side, 4 of 8 reversed).
 --cut-sentences N first cuts every candidate to its first N sentences (the open recipe's post-processing), so a
 refusal's good first sentence is not lost to the nonsense a small model writes after it; a shortened candidate
-is recorded with finish_reason "cut" (it gets an EOS). --best-of N samples N responses per side and pairs the
+is recorded with finish_reason "cut" (it gets an EOS); the sampler stops a candidate once its first N sentences
+are final (gates.sentences_final), so its text ends there rather than at --max-new-tokens. --best-of N samples N responses per side and pairs the
 first passing one of each; prompts with no passing pair are dropped and counted. Drops of every source (identical or empty samples, failed
 gates, unchanged revisions) go to OUT stem + ".dropped.jsonl" with their reason and classes.
 
@@ -326,7 +327,7 @@ def gated_chunk(source, chunk, policy, tok, ctx, args):
     gens = generate(policy, [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs],
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, num_samples=n,
                     seed=chunk_seed(args.seed, [source] + [r["id"] for r in chunk]), tokenizer=tok,
-                    stop_when=(lambda t: gates.sentences_final(t, args.cut_sentences)) if args.cut_sentences else None)
+                    stop_when=gates.stop_after_sentences(args.cut_sentences))
     texts = [gates.cut_sentences(g.text, args.cut_sentences) for g in gens]  # a stopped sample: its final sentences
     asked = chunk * 2  # the row behind each conversation; the classifier sees the plain request, not the instruction
     labels = ctx["classifier"].classify_many([dict(request=asked[i // n]["messages"][-1]["content"], response=t,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minicai.evaluate import DEFAULT_BENCHMARKS
 from minicai.io import atomic_write, read_jsonl
 
 
@@ -105,7 +106,7 @@ PRESETS = {
                      sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
                      ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
                      eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo",
-                     eval_benchmarks="harmbench,donotanswer,inthewild,dan,past_tense,future_tense"),
+                     eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
                 sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64, cr_distill_principles=0,
@@ -113,7 +114,7 @@ PRESETS = {
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo",
-                eval_benchmarks="harmbench,donotanswer,inthewild,dan,past_tense,future_tense"),
+                eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
                  pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2, lookalike_mix=2,
@@ -344,7 +345,7 @@ def stage_reward_model(st, d, policy, prefs):
     out = os.path.join(d, "model")
     reward_model.run(st.common(reward_model.parser, trainer=True, model=policy, data=[prefs], out=out,
                                run_dir=os.path.join(d, "run"), max_steps=c.rm_steps, lr=c.rm_lr))
-    return {"model": out}
+    return {"model": out, "loss_png": os.path.join(out, "loss.png")}
 
 
 def stage_ppo(st, d, policy, rm):
@@ -357,7 +358,7 @@ def stage_ppo(st, d, policy, rm):
                       batch_size=c.ppo_batch_size, minibatch_size=max(1, c.ppo_batch_size // 2),
                       max_new_tokens=c.ppo_max_new_tokens, lr=c.ppo_lr, kl_coef=c.ppo_kl_coef,
                       kl_target=c.ppo_kl_target or None))
-    return {"model": os.path.join(d, "final")}
+    return {"model": os.path.join(d, "final"), "loss_png": os.path.join(d, "curves.png")}
 
 
 def stage_dpo(st, d, policy, prefs):
@@ -366,7 +367,7 @@ def stage_dpo(st, d, policy, prefs):
     c = st.cfg
     dpo.run(st.common(dpo.parser, trainer=True, model=policy, data=[prefs], out=d, epochs=c.dpo_epochs, lr=c.dpo_lr,
                       beta=c.dpo_beta, soft_labels=True))
-    return {"model": os.path.join(d, "final")}
+    return {"model": os.path.join(d, "final"), "loss_png": os.path.join(d, "curves.png")}
 
 
 def stage_eval(st, d, models: dict):
@@ -469,11 +470,9 @@ def write_report(cfg, st: Stages, outputs: dict) -> str:
     lines += [f"| **total** | {sum(st.timings.values()):.0f} |", ""]
     lines += data_lines(cfg, outputs)
     lines += ["## Training curves", ""]
-    for name in outputs:  # each trainer leaves one PNG: model/loss.png (SFT, reward model) or curves.png (PPO, DPO)
-        for candidate in (os.path.join(st.dir(name), "model", "loss.png"), os.path.join(st.dir(name), "curves.png")):
-            if os.path.exists(candidate):
-                lines.append(f"![{name}]({os.path.relpath(candidate, cfg.out)})")
-                break
+    for name, o in outputs.items():  # each trainer's stage names its plot
+        if isinstance(o, dict) and o.get("loss_png") and os.path.exists(o["loss_png"]):
+            lines.append(f"![{name}]({os.path.relpath(o['loss_png'], cfg.out)})")
     lines.append("")
     for name, o in outputs.items():
         if isinstance(o, dict) and o.get("summary") and os.path.exists(o["summary"]):

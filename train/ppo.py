@@ -37,8 +37,7 @@ from minicai import generate
 from minicai import training
 from minicai.checkpoint import resolve_device, save_pretrained
 from minicai.io import append_jsonl
-from minicai.logprobs import kl_k1, kl_k3
-from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_penalized_rewards,
+from minicai.losses import (AdaptiveKLController, explained_variance, gae_advantages, kl_k1, kl_k3, kl_penalized_rewards,
                             masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from minicai.pretrained import load_model, resolve_path
 from minicai.prompts import read_prompts
@@ -312,9 +311,10 @@ def run(args, reward_fn=None):
     opt = training.make_optimizer(policy, args.lr, weight_decay=args.weight_decay)
     opt.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0, "lr_mult": args.vf_lr_mult})
     kl_ctl = AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
-    start = 0
+    start, same = 0, {"prompts": training.digest(prompts)}  # a resume needs the same prompts (their order is the data's)
     if resuming:  # the logs lose the rows of steps after the saved state
-        start, _, saved = training.resume_state(state_dir, trainable, opt, guard, [log_path, samples_path], name="ppo")
+        start, _, saved = training.resume_state(state_dir, trainable, opt, guard, [log_path, samples_path], name="ppo",
+                                                same=same)
         kl_ctl.value = saved["kl_coef"]
     os.makedirs(args.out, exist_ok=True)
 
@@ -328,7 +328,8 @@ def run(args, reward_fn=None):
     end = args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
     step, _ = training.train_loop(one_step, trainable, opt, guard, start=start, end=end, log_path=log_path, show=show,
                                   schedule=dict(lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio),
-                                  save_every=args.save_every, extra=lambda: {"kl_coef": kl_ctl.value}, quiet=args.quiet)
+                                  save_every=args.save_every, quiet=args.quiet,
+                                  extra=lambda: {"kl_coef": kl_ctl.value, **same})
     rows = training.finish_log(log_path, step, os.path.join(args.out, "curves.png"), keys=("reward", "kl"), title="PPO")
     if end == args.steps:
         save_pretrained(policy.eval(), tok, os.path.join(args.out, "final"),

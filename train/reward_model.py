@@ -49,6 +49,7 @@ from minicai import training
 from minicai.checkpoint import resolve_device
 from minicai.io import append_jsonl, atomic_write
 from minicai.losses import bradley_terry_loss
+from minicai.model import pad_batch
 from minicai.preferences import encode_pair, read_pair_files, read_pairs, split_by_prompt
 from minicai.pretrained import resolve_path
 from minicai.reward import load_reward_model, save_reward_model
@@ -93,15 +94,7 @@ def encode_pairs(tokenizer, pairs, max_len) -> tuple:
 
 def collate_pairs(examples, pad_id, side="right", device=None) -> tuple:
     """[2B, T] input_ids and attention_mask: the B chosen sequences, then the B rejected ones."""
-    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        ids[i, cols] = torch.tensor(s)
-        mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
+    return pad_batch([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pad_id, side, device)
 
 
 def pair_rewards(rm, examples, pad_id, side, autocast=nullcontext) -> tuple:
@@ -282,8 +275,9 @@ def run(args):
     save_reward_model(rm, tokenizer, args.out, extra_files={
         "reward_metrics.json": json.dumps(metrics, indent=2), "training_args.json": json.dumps(vars(args), indent=2),
         "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
-    with open(png_path, "rb") as f:
-        atomic_write(os.path.join(args.out, "loss.png"), f.read())
+    if rows:  # no rows: a resume after the end whose log is gone has nothing to plot
+        with open(png_path, "rb") as f:
+            atomic_write(os.path.join(args.out, "loss.png"), f.read())
     print(f"reward_model: saved to {args.out}; log and plot in {run_dir}")
     return metrics
 

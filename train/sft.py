@@ -177,10 +177,11 @@ def run(args):
         merge_lora(model)
     save_pretrained(model.eval(), tokenizer, args.out, extra_files={
         "train_log.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "training_args.json": json.dumps(vars(args), indent=2)})
-    with open(png_path, "rb") as f:
-        atomic_write(os.path.join(args.out, "loss.png"), f.read())
-    print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
-          f"checkpoint in {args.out}, log and plot in {run_dir}")
+    if rows:  # no rows: a resume after the end whose log is gone has nothing to plot
+        with open(png_path, "rb") as f:
+            atomic_write(os.path.join(args.out, "loss.png"), f.read())
+        print(f"sft: {step} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}; "
+              f"checkpoint in {args.out}, log and plot in {run_dir}")
     return rows
 
 
