@@ -53,6 +53,12 @@ def cut_sentences(text: str, n: int) -> str:
     return (text if end is None else text[:end]).strip()
 
 
+def was_cut(text: str, target: str, finish_reason: str) -> bool:
+    """The kept target is shorter than the sample, or the sampler stopped the sample once its cut was final
+    (finish_reason "stop_when"): either way it ends at a sentence, so it is recorded "cut" and gets an EOS."""
+    return target != text.strip() or finish_reason == "stop_when"
+
+
 def stop_after_sentences(n: int):
     """The sampler's stop_when for candidates cut to n sentences (None when n <= 0: nothing is cut)."""
     return (lambda text: sentences_final(text, n)) if n > 0 else None

@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from minicai.model import MLP, Attention
 
 
+# modules whose input projections are packed as one matrix: type -> (the method shadowed, its linears)
+FUSED = {Attention: ("project", ("q", "k", "v")), MLP: ("gate_up", ("gate", "up"))}
+
+
 def packed_linear(x, packed, bias=None):
     """x [..., in] @ W.T + bias with W prepacked by oneDNN."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
@@ -87,7 +91,7 @@ def prepacked_weights(model, enabled: bool = True):
     try:
         with torch.no_grad():
             for m in model.modules():
-                groups = {Attention: ("project", ("q", "k", "v")), MLP: ("gate_up", ("gate", "up"))}.get(type(m))
+                groups = FUSED.get(type(m))
                 members = [getattr(m, n, None) for n in groups[1]] if groups else []
                 if members and all(type(x) is nn.Linear for x in members):
                     packed, bias, sizes = fused(members)

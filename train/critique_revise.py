@@ -69,7 +69,7 @@ from minicai.checkpoint import default_model_dir, generation_dtype, resolve_devi
 from minicai.constitution import (CONVERSATION_INTRO, DEFAULT_CONSTITUTION, DEFAULT_FEWSHOT, _revision_request,
                                   critique_messages, load_constitution, load_fewshot, render_conversation,
                                   revision_messages, strip_label)
-from minicai.gates import class_reason, cut_sentences, first_passing, stop_after_sentences, text_reason
+from minicai.gates import class_reason, cut_sentences, first_passing, stop_after_sentences, text_reason, was_cut
 from minicai.io import append_jsonl, atomic_write, check_output_path, read_jsonl_tolerant
 from minicai.pretrained import load_pretrained, resolve_path
 from minicai.prompts import read_prompts
@@ -387,7 +387,7 @@ def gate_rows(rows, classifier, constitution, args) -> list:
         prompt, instruction = prompt_text(o), instruction_of(o, constitution)
         for c in o["candidates"]:
             c["target"] = cut_sentences(c["text"], args.cut_sentences)
-            c["cut"] = c["target"] != c["text"].strip() or c["finish_reason"] == "stop_when"  # stopped: cut short
+            c["cut"] = was_cut(c["text"], c["target"], c["finish_reason"])
             c["reason"] = None if classifier is None else text_reason(c["target"], prompt, c.get("critique", ""),
                                                                       instruction)
             if classifier is not None and c["reason"] is None:

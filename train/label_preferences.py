@@ -310,7 +310,7 @@ def finish(gen, text) -> str:
     """The finish reason of a candidate as kept: "cut" when --cut-sentences shortened it (it ends at a sentence,
     so the reward model gives it an EOS; so does a sample the sampler stopped once its sentences were final),
     else the sampler's."""
-    return "cut" if text != gen.text.strip() or gen.finish_reason == "stop_when" else gen.finish_reason
+    return "cut" if gates.was_cut(gen.text, text, gen.finish_reason) else gen.finish_reason
 
 
 def gated_chunk(source, chunk, policy, tok, ctx, args):
