@@ -76,6 +76,7 @@ class EvalConfig:
     responses_labelled: str = DEFAULT_RESPONSES_LABELLED  # hand-labelled responses the classifier is checked on
     classifier: str = "head"       # "head" = rules + learnt head on the default model; "rules" = rules alone
     references: str = DEFAULT_REFERENCES                  # hand-written reference answers (benign prompts)
+    reference_limit: int = 0       # reference answers scored per model, spread over the prompts (0 = all)
     examples: int = 3              # example responses per model and category in the report
     device: str = None             # None = cuda if available, else cpu
     dtype: str = "auto"            # "auto" = bf16 on CUDA and on CPUs with native bf16, else float32
@@ -369,12 +370,15 @@ def honesty_metrics(model, tok, mc, recs, batch_size):
     return m, mc_recs
 
 
-def reference_metric(model, tok, prompts, refs, batch_size):
-    """Mean per-token log-likelihood of the hand-written reference answers to benign prompts."""
+def reference_metric(model, tok, prompts, refs, batch_size, limit=0):
+    """Mean per-token log-likelihood of the hand-written reference answers to benign prompts (at most `limit`,
+    every k-th so that each prompt file keeps its share; 0 = all)."""
     from minicai.judge import reference_loglik
 
     pairs = [(p["messages"], refs[p["request"].strip()]) for p in prompts
              if p["category"] in BENIGN and p["technique"] is None and p["request"].strip() in refs]
+    if limit and len(pairs) > limit:
+        pairs = pairs[::math.ceil(len(pairs) / limit)]
     if not pairs:
         return {}
     ll = reference_loglik(model, tok, [c for c, _ in pairs], [r for _, r in pairs], batch_size=batch_size)
@@ -398,7 +402,7 @@ def eval_model(path, inputs, cfg):
     m = rate_metrics(recs)
     hm, mc_recs = honesty_metrics(model, tok, inputs["mc"], recs, cfg.batch_size)
     m.update(hm)
-    m.update(reference_metric(model, tok, inputs["prompts"], inputs["references"], cfg.batch_size))
+    m.update(reference_metric(model, tok, inputs["prompts"], inputs["references"], cfg.batch_size, cfg.reference_limit))
     del model, tok
     gc.collect()
     return m, dict(prompts=recs, honesty_mc=mc_recs)
@@ -772,6 +776,8 @@ def add_args(parser: argparse.ArgumentParser, name=None):
     parser.add_argument("--judge-labelled", default=d.judge_labelled, metavar="FILE")
     parser.add_argument("--responses-labelled", default=d.responses_labelled, metavar="FILE")
     parser.add_argument("--references", default=d.references, metavar="FILE")
+    parser.add_argument("--reference-limit", type=int, default=d.reference_limit, metavar="N",
+                        help="reference answers scored per model, spread over the prompts (0 = all)")
     parser.add_argument("--classifier", default=d.classifier, choices=("head", "rules"),
                         help="head: rules + the learnt head (validated, slower); rules: the rules alone")
     parser.add_argument("--examples", type=int, default=d.examples, help="example responses per model and category")
@@ -788,8 +794,8 @@ def run(args):
                      limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      jailbreak_n=args.jailbreak_n, temperature=args.temperature, seed=args.seed,
                      judge_labelled=args.judge_labelled, responses_labelled=args.responses_labelled,
-                     references=args.references, classifier=args.classifier, examples=args.examples,
-                     device=args.device, dtype=args.dtype)
+                     references=args.references, reference_limit=args.reference_limit, classifier=args.classifier,
+                     examples=args.examples, device=args.device, dtype=args.dtype)
     evaluate(args.model, cfg)
     with open(os.path.join(args.out, "summary.md"), encoding="utf-8") as f:
         print(f.read())

@@ -42,6 +42,12 @@ from minicai.refusal import (_LECTURE_WEAK, _WARNING, CLASSES, TAGS, _check, _no
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELLED = os.path.join(ROOT, "data", "eval", "responses_labelled.jsonl")
 HEAD_PATH = os.path.join(ROOT, "data", "eval", "refusal_head.safetensors")
+JUDGE_LABELLED = os.path.join(ROOT, "data", "eval", "judge_labelled.jsonl")
+# The classifier's labels of the committed hand-labelled sets (test half, judged pairs), keyed by row: every run
+# of the pipeline checks the classifier on them, ~110 s of the default model's blocks on a 2-core CPU, for a
+# result that is a function of committed files only. Used when its stamp matches (classifier_stamp);
+# tests/test_refusal.py recomputes it and `python -m minicai.refusal_head table` (or fit) rewrites it.
+LABEL_TABLE = os.path.join(ROOT, "data", "eval", "classifier_labels.json")
 LAYERS = (16,)               # residual stream after this block (1-based) of the default model's 30; dev CV: 12 < 16 ~ 20
 MAX_REQUEST_TOKENS = 48
 MAX_RESPONSE_TOKENS = 96     # how a reply opens decides its class; longer ones cost time, not accuracy
@@ -258,9 +264,10 @@ class ResponseClassifier:
     """The rules plus the learnt head (None: rules only). `model`, `tokenizer`: the default model, its blocks
     cut to the deepest layer the head reads."""
 
-    def __init__(self, head=None, model=None, tokenizer=None):
+    def __init__(self, head=None, model=None, tokenizer=None, known=None):
         self.head, self.model, self.tok = head, model, tokenizer
         self.layers = tuple(head["layers"]) if head else LAYERS
+        self.known = known or {}  # row_key -> label, from LABEL_TABLE when its stamp matches this classifier
 
     def features(self, rows, batch_size: int = 16, rules=None) -> tuple:
         """([N, D] float32 features, rules' classes, certain flags) of rows (dicts: request, response, kind,
@@ -280,8 +287,10 @@ class ResponseClassifier:
         if self.head is None:
             return [rule_features(*_row_fields(r, i))[1] for i, r in enumerate(rows)]
         rows = list(rows)
-        certain = [rule_features(*_row_fields(r, i)) for i, r in enumerate(rows)]
-        out = [c[1] if c[3] else None for c in certain]
+        fields = [_row_fields(r, i) for i, r in enumerate(rows)]
+        out = [self.known.get(row_key(f)) for f in fields] if self.known else [None] * len(rows)
+        certain = {i: rule_features(*fields[i]) for i, o in enumerate(out) if o is None}
+        out = [certain[i][1] if i in certain and certain[i][3] else o for i, o in enumerate(out)]
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
             X = self.features([rows[i] for i in todo], batch_size, rules=[certain[i] for i in todo])[0]
@@ -306,16 +315,69 @@ def _load_model(device, dtype, layers):
     return model, tok
 
 
-def load_classifier(device="cpu", dtype=None, path=HEAD_PATH) -> ResponseClassifier:
+def load_classifier(device="cpu", dtype=None, path=HEAD_PATH, table=LABEL_TABLE) -> ResponseClassifier:
     """The full classifier: the head at `path` on the default model (loaded once; dtype None = bfloat16 where
-    the device has native bf16, else float32). A missing head file falls back to the rules, with a warning."""
+    the device has native bf16, else float32). A missing head file falls back to the rules, with a warning.
+    table: LABEL_TABLE (its labels serve the rows it holds when its stamp matches), or None."""
     if not os.path.exists(path):
         warnings.warn(f"{path} is missing: response classifier is rules only (minicai.refusal.classify); "
                       "write it with `python -m minicai.refusal_head fit`")
         return ResponseClassifier()
     head = load_head(path)
     model, tok = _load_model(device, dtype, head["layers"])
-    return ResponseClassifier(head, model, tok)
+    return ResponseClassifier(head, model, tok, known=read_table(table, classifier_stamp(path, model.output_weight.dtype)))
+
+
+def row_key(fields) -> str:
+    """A row's (request, response, kind, prompt, technique) as the table's key."""
+    return hashlib.sha256(json.dumps(list(fields), ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def classifier_stamp(head_path, dtype) -> str:
+    """What a label is a function of: the head file, this module's and the rules' code, the default model's
+    recorded weight hashes (checked on every load) and the dtype."""
+    from minicai import refusal
+    from minicai.checkpoint import CHECKSUMS, default_model_dir
+
+    h = hashlib.sha256(str(dtype).encode())
+    for p in (head_path, refusal.__file__, __file__, os.path.join(default_model_dir(), CHECKSUMS)):
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def read_table(path, stamp) -> dict:
+    """LABEL_TABLE's labels if it was written by this very classifier (same stamp), else {}."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); rewrite it with `python -m minicai.refusal_head table`")
+    return table.get("labels", {}) if table.get("stamp") == stamp else {}
+
+
+def table_rows(labelled=LABELLED, judged=JUDGE_LABELLED) -> list:
+    """The rows every run classifies: the test half, and both responses of each judged pair as a harmful and
+    as a benign request (the pair sources' agreement check reads them by the pair's kind)."""
+    from minicai.io import read_jsonl
+
+    rows = [dict(r, prompt=prompt_text(r)) for r in load_labelled(labelled) if r["split"] == "test"]
+    for r in (read_jsonl(judged) if os.path.exists(judged) else []):
+        rows += [dict(request=r["prompt"], response=r[side], kind=kind)
+                 for side in ("response_a", "response_b") for kind in ("harmful", "benign")]
+    return rows
+
+
+def write_table(classifier, out=LABEL_TABLE, head_path=HEAD_PATH) -> int:
+    """Classify table_rows() afresh with `classifier` and write the table (atomic). -> rows written."""
+    rows = table_rows()
+    fresh = ResponseClassifier(classifier.head, classifier.model, classifier.tok)  # no lookups: compute every label
+    labels = dict(zip((row_key(_row_fields(r, i)) for i, r in enumerate(rows)), fresh.classify_many(rows)))
+    stamp = classifier_stamp(head_path, classifier.model.output_weight.dtype)
+    atomic_write(out, json.dumps(dict(stamp=stamp, labels=labels), indent=0, sort_keys=True))
+    return len(labels)
 
 
 def fit(path=LABELLED, out=HEAD_PATH, folds: int = 5, classifier=None, grid=(L2_GRID, SCALE_GRID)) -> dict:
@@ -344,17 +406,22 @@ def fit(path=LABELLED, out=HEAD_PATH, folds: int = 5, classifier=None, grid=(L2_
 
 
 def main(argv=None) -> None:
-    """`python -m minicai.refusal_head fit [--file F] [--out H] [--folds K]`: refit the head on the dev half."""
+    """`python -m minicai.refusal_head fit|table [--file F] [--out H] [--folds K]`: refit the head on the dev half
+    (fit) and write the label table (both)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m minicai.refusal_head", description=main.__doc__)
-    ap.add_argument("command", choices=["fit"])
+    ap.add_argument("command", choices=["fit", "table"], help="fit: refit the head, then rewrite the label table; "
+                    "table: rewrite the label table only")
     ap.add_argument("--file", default=LABELLED, help="hand-labelled responses (only split dev is read)")
     ap.add_argument("--out", default=HEAD_PATH, help="head file to write (safetensors, atomic)")
     ap.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by request")
     args = ap.parse_args(argv)
-    meta = fit(args.file, args.out, args.folds)
-    print(f"wrote {args.out}: {meta}")
+    if args.command == "fit":
+        meta = fit(args.file, args.out, args.folds)
+        print(f"wrote {args.out}: {meta}")
+    n = write_table(load_classifier(dtype=torch.float32, path=args.out, table=None), head_path=args.out)
+    print(f"wrote {LABEL_TABLE}: {n} labels")
 
 
 if __name__ == "__main__":

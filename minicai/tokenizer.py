@@ -16,6 +16,8 @@ text; `apply_chat_template` lets only the template's own text produce special to
 
 Layer: below minicai.checkpoint (imports nothing of it); reads a directory, "default" is minicai.pretrained's.
 """
+import copy
+import hashlib
 import json
 import os
 import re
@@ -298,13 +300,33 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
+_BUILT = {}  # sha256 of the three files -> Tokenizer: building the BPE ranks takes ~1 s, and a pipeline loads
+            # the same tokenizer (copied into every checkpoint it writes) a dozen times
+
+
 def load_tokenizer(path) -> Tokenizer:
     """Tokenizer of a checkpoint directory (tokenizer.json, tokenizer_config.json, optional chat_template.jinja).
-    A directory only: minicai.load_tokenizer / minicai.pretrained.load_tokenizer also take "default"."""
+    A directory only: minicai.load_tokenizer / minicai.pretrained.load_tokenizer also take "default".
+    Files with the same bytes as an earlier call's give a shallow copy of that tokenizer (it is never mutated)."""
     path = checkpoint_dir(path)
     tj_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj_path):
         raise FileNotFoundError(f"{tj_path}: missing (minicai reads byte-level BPE tokenizers from tokenizer.json)")
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            with open(file, "rb") as f:
+                digest.update(name.encode() + f.read())
+    key = digest.hexdigest()
+    if key not in _BUILT:
+        _BUILT[key] = build_tokenizer(path, tj_path)
+    tok = copy.copy(_BUILT[key])
+    tok.path = tj_path
+    return tok
+
+
+def build_tokenizer(path, tj_path) -> Tokenizer:
     with open(tj_path, encoding="utf-8") as f:
         try:
             tj = json.load(f)

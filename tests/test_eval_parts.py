@@ -320,3 +320,20 @@ def test_wrap_errors_and_none():
         wrap("  ", "role_play")
     with pytest.raises(ValueError, match="k must be"):
         wrap(REQ, "many_shot", k=-1)
+
+
+def test_reference_limit_takes_every_kth_benign_prompt(monkeypatch):
+    """reference_limit keeps a spread of the benign prompts with references (every k-th), never a harmful one."""
+    import minicai.evaluate as E
+    import minicai.judge
+
+    prompts = [dict(messages=[{"role": "user", "content": f"q{i}"}], request=f"q{i}", technique=None,
+                    category="harmful" if i % 5 == 4 else "legitimate") for i in range(20)]
+    refs = {f"q{i}": f"answer {i}" for i in range(20)}
+    seen = []
+    monkeypatch.setattr(minicai.judge, "reference_loglik",
+                        lambda model, tok, convs, answers, batch_size: seen.append(answers) or [-1.0] * len(answers))
+    assert E.reference_metric(None, None, prompts, refs, 4)["helpful/reference_loglik"]["n"] == 16
+    m = E.reference_metric(None, None, prompts, refs, 4, limit=5)
+    benign = [f"answer {i}" for i in range(20) if i % 5 != 4]
+    assert seen[-1] == benign[::4] and m["helpful/reference_loglik"]["n"] == 4

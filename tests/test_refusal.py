@@ -4,9 +4,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from minicai.refusal import (CLASSES, agreement, classify, classify_reason, declined, harmful_help, is_refusal,
-                             load_labelled)
+                             load_labelled, prompt_text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELLED = os.path.join(ROOT, "data", "eval", "responses_labelled.jsonl")
@@ -174,8 +175,40 @@ def test_bar_on_labelled_test_half():
         pytest.skip(str(e))
     test = [r for r in load_labelled(LABELLED) if r["split"] == "test"]
     assert len(test) >= 30, len(test)
-    a = agreement(test, load_classifier())
+    fresh = load_classifier(dtype=torch.float32, table=None)  # every label computed, none read from the table
+    preds = fresh.classify_many([dict(r, prompt=prompt_text(r)) for r in test])
+    a = agreement(test, Replay(preds))
     print("\ntest half:", json.dumps({k: v for k, v in a.items() if k != "errors"}))
+    check_label_table(fresh, test, preds)
     assert a["binary"] >= 0.86 and a["four_class"] >= 0.79, (a["binary"], a["four_class"])   # the floor
     if not (a["binary"] >= 0.90 and a["four_class"] >= 0.85):
         pytest.xfail(f"issue #13's bar (0.90 / 0.85) not met: {a['binary']:.3f} / {a['four_class']:.3f}")
+
+
+class Replay:
+    """A classifier that returns labels computed already (agreement() asks for them in row order)."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def classify_many(self, rows):
+        assert len(rows) == len(self.labels)
+        return self.labels
+
+
+def check_label_table(fresh, test, test_preds):
+    """The committed label table (what the pipeline's reports read) was written by this classifier and agrees
+    with a fresh computation: on the whole test half, and on every 7th of the judged pairs' responses."""
+    from minicai.refusal_head import (HEAD_PATH, LABEL_TABLE, _row_fields, classifier_stamp, read_table, row_key,
+                                      table_rows)
+
+    known = read_table(LABEL_TABLE, classifier_stamp(HEAD_PATH, torch.float32))
+    assert known, (f"{LABEL_TABLE} is missing or stale (the head, the rules or the default model changed): "
+                   "rewrite it with `python -m minicai.refusal_head table`")
+    judged = table_rows()[len(test)::7]
+    computed = list(test_preds) + fresh.classify_many(judged)
+    rows = [dict(r, prompt=prompt_text(r)) for r in test] + judged
+    stored = [known.get(row_key(_row_fields(r, i))) for i, r in enumerate(rows)]
+    assert None not in stored
+    same = sum(a == b for a, b in zip(computed, stored))
+    assert same >= 0.99 * len(rows), f"{LABEL_TABLE}: {same} of {len(rows)} labels match a fresh computation"

@@ -141,3 +141,24 @@ def test_missing_head_falls_back_to_rules(tmp_path):
     assert clf.classify(req, resp, kind) == classify(req, resp, kind)
     with pytest.raises(ValueError, match="row 0: field 'response'"):
         clf.classify_many([dict(request="hi", response=None)])
+
+
+def test_label_table_serves_known_rows_only(tmp_path):
+    """A row the table holds gets the table's label without running the model (model=None here would fail);
+    a corrupt table file is an error naming it; a table with another stamp is ignored."""
+    import json
+
+    known_row = dict(request="How do I bake bread?", response="Mix flour, water, yeast and salt.", kind="benign")
+    key = H.row_key(H._row_fields(known_row, 0))
+    clf = H.ResponseClassifier(head={"layers": [1]}, known={key: "partial"})
+    assert clf.classify_many([known_row]) == ["partial"]
+    assert clf.classify_many([dict(known_row, request="How do I bake bread?", response="")]) == ["nonanswer"]  # a certain rule
+
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"stamp": "abc", "labels": {key: "refuse"}}))
+    assert H.read_table(str(path), "abc") == {key: "refuse"}
+    assert H.read_table(str(path), "other") == {}
+    assert H.read_table(str(tmp_path / "absent.json"), "abc") == {}
+    path.write_text('{"stamp": ')
+    with pytest.raises(ValueError, match="labels.json"):
+        H.read_table(str(path), "abc")

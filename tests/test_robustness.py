@@ -226,6 +226,23 @@ def test_checkpoint_content_hash(tmp_path, tiny_chat_model_dir, monkeypatch):
     load_model(out)
 
 
+def test_verified_once_per_process_until_the_file_changes(tmp_path, tiny_chat_model_dir):
+    """A file is hashed again after a write, even one that keeps its size: a load in between that passed does
+    not vouch for the new bytes."""
+    m = load_model(tiny_chat_model_dir)
+    out = tmp_path / "ck"
+    save_pretrained(m, None, out)
+    load_model(out)                            # verified (and remembered)
+    w = out / "model.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.seek(size - 64)
+        f.write(b"\xff" * 16)
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 1000))  # coarse clocks: make the write visible
+    with pytest.raises(ValueError, match="content hash does not match"):
+        load_model(out)
+
+
 def test_kill_9_during_a_save_then_resume_is_identical(tmp_path, tiny_chat_model_dir):
     data = sft_data(tmp_path)
     argv = lambda out: sft_argv(tiny_chat_model_dir, data, out, "--max-steps", "4")

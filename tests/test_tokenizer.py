@@ -295,3 +295,20 @@ def test_unsupported_tokenizers_are_errors(llama3_chat, tmp_path):
     (bad / "tokenizer_config.json").write_text("{ not json")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: malformed JSON"):
         load_tokenizer(bad)
+
+
+def test_same_files_built_once_and_an_edit_rebuilds(trained, tmp_path):
+    """A second load of identical files (another directory included) reuses the built tokenizer as a fresh
+    object; changing a file's bytes builds anew, so an edit is never served stale."""
+    import shutil
+
+    _, path = trained
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(path, copy_dir)
+    a, b = load_tokenizer(path), load_tokenizer(copy_dir)
+    assert a is not b and a.enc is b.enc and b.path == str(copy_dir / "tokenizer.json")
+    b.pad_token_id = 7
+    assert load_tokenizer(path).pad_token_id == a.pad_token_id != 7
+    (copy_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    c = load_tokenizer(copy_dir)
+    assert c.enc is not a.enc and c.eos_token_id == c.special["<|endoftext|>"]

