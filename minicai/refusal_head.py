@@ -325,7 +325,8 @@ def load_classifier(device="cpu", dtype=None, path=HEAD_PATH, table=LABEL_TABLE)
         return ResponseClassifier()
     head = load_head(path)
     model, tok = _load_model(device, dtype, head["layers"])
-    return ResponseClassifier(head, model, tok, known=read_table(table, classifier_stamp(path, model.output_weight.dtype)))
+    known = read_table(table, classifier_stamp(path, model.output_weight.dtype))
+    return ResponseClassifier(head, model, tok, known=known)
 
 
 def row_key(fields) -> str:
@@ -370,9 +371,9 @@ def table_rows(labelled=LABELLED, judged=JUDGE_LABELLED) -> list:
     return rows
 
 
-def write_table(classifier, out=LABEL_TABLE, head_path=HEAD_PATH) -> int:
-    """Classify table_rows() afresh with `classifier` and write the table (atomic). -> rows written."""
-    rows = table_rows()
+def write_table(classifier, out=LABEL_TABLE, head_path=HEAD_PATH, labelled=LABELLED) -> int:
+    """Classify table_rows(labelled) afresh with `classifier` and write the table (atomic). -> rows written."""
+    rows = table_rows(labelled)
     fresh = ResponseClassifier(classifier.head, classifier.model, classifier.tok)  # no lookups: compute every label
     labels = dict(zip((row_key(_row_fields(r, i)) for i, r in enumerate(rows)), fresh.classify_many(rows)))
     stamp = classifier_stamp(head_path, classifier.model.output_weight.dtype)
@@ -413,14 +414,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m minicai.refusal_head", description=main.__doc__)
     ap.add_argument("command", choices=["fit", "table"], help="fit: refit the head, then rewrite the label table; "
                     "table: rewrite the label table only")
-    ap.add_argument("--file", default=LABELLED, help="hand-labelled responses (only split dev is read)")
+    ap.add_argument("--file", default=LABELLED,
+                    help="hand-labelled responses (fit reads the dev half, table the test half)")
     ap.add_argument("--out", default=HEAD_PATH, help="head file to write (safetensors, atomic)")
     ap.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by request")
     args = ap.parse_args(argv)
     if args.command == "fit":
         meta = fit(args.file, args.out, args.folds)
         print(f"wrote {args.out}: {meta}")
-    n = write_table(load_classifier(dtype=torch.float32, path=args.out, table=None), head_path=args.out)
+    n = write_table(load_classifier(dtype=torch.float32, path=args.out, table=None), head_path=args.out,
+                    labelled=args.file)
     print(f"wrote {LABEL_TABLE}: {n} labels")
 
 
