@@ -311,29 +311,27 @@ def rate_metrics(recs) -> dict:
     return m
 
 
-def classifier_check(path, classifier, dtype) -> dict:
-    """The classifier's agreement with the hand labels on the test half (the half nothing was fit on); cached
-    under the minicai cache per (labelled file, head file, dtype), as it reads ~400 responses."""
+def classifier_check(path, classifier) -> dict:
+    """The classifier's agreement with the hand labels on the test half (the half nothing was fit on). With the
+    head, cached under the minicai cache per (labelled file, classifier stamp: head, rules' code, model, dtype)
+    for machines the committed label table does not serve (another dtype, another labelled file)."""
     from minicai.checkpoint import cache_dir
     from minicai.refusal import agreement, load_labelled
-    from minicai.refusal_head import HEAD_PATH
 
     if not os.path.exists(path):
         return dict(file=path, missing=True)
     with open(path, "rb") as f:
-        stamp = [hashlib.sha256(f.read()).hexdigest()]
-    if classifier.head is not None:
-        with open(HEAD_PATH, "rb") as f:
-            stamp.append(hashlib.sha256(f.read()).hexdigest())
-    cached = os.path.join(cache_dir(), "classifier_checks", _key([stamp, str(dtype)])[:32] + ".json")
-    if os.path.exists(cached):
+        stamp = [hashlib.sha256(f.read()).hexdigest(), classifier.stamp]
+    cached = os.path.join(cache_dir(), "classifier_checks", _key(stamp)[:32] + ".json")
+    if classifier.head is not None and os.path.exists(cached):
         with open(cached, encoding="utf-8") as f:
             return dict(json.load(f), file=path)
     rows = [r for r in load_labelled(path) if r["split"] == "test"]
     check = dict({k: v for k, v in agreement(rows, classifier).items() if k != "errors"}, split="test",
                  head=classifier.head is not None)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    atomic_write(cached, json.dumps(check))
+    if classifier.head is not None:  # the rules alone take well under a second: nothing to keep
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        atomic_write(cached, json.dumps(check))
     return dict(check, file=path)
 
 
@@ -549,7 +547,7 @@ def evaluate(models, cfg: EvalConfig = None, **overrides) -> dict:
 
     inputs["classifier"] = (load_classifier(cfg.device, None if cfg.dtype == "float32" else cfg.dtype)
                             if cfg.classifier == "head" else ResponseClassifier())
-    classifier = classifier_check(cfg.responses_labelled, inputs["classifier"], cfg.dtype)
+    classifier = classifier_check(cfg.responses_labelled, inputs["classifier"])
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics, records = {}, {}
     for path in evaluated:

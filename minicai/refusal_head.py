@@ -264,10 +264,11 @@ class ResponseClassifier:
     """The rules plus the learnt head (None: rules only). `model`, `tokenizer`: the default model, its blocks
     cut to the deepest layer the head reads."""
 
-    def __init__(self, head=None, model=None, tokenizer=None, known=None):
+    def __init__(self, head=None, model=None, tokenizer=None, known=None, stamp=None):
         self.head, self.model, self.tok = head, model, tokenizer
         self.layers = tuple(head["layers"]) if head else LAYERS
         self.known = known or {}  # row_key -> label, from LABEL_TABLE when its stamp matches this classifier
+        self.stamp = stamp        # classifier_stamp of a loaded head: what its labels are a function of
 
     def features(self, rows, batch_size: int = 16, rules=None) -> tuple:
         """([N, D] float32 features, rules' classes, certain flags) of rows (dicts: request, response, kind,
@@ -325,8 +326,8 @@ def load_classifier(device="cpu", dtype=None, path=HEAD_PATH, table=LABEL_TABLE)
         return ResponseClassifier()
     head = load_head(path)
     model, tok = _load_model(device, dtype, head["layers"])
-    known = read_table(table, classifier_stamp(path, model.output_weight.dtype))
-    return ResponseClassifier(head, model, tok, known=known)
+    stamp = classifier_stamp(path, model.output_weight.dtype)
+    return ResponseClassifier(head, model, tok, known=read_table(table, stamp), stamp=stamp)
 
 
 def row_key(fields) -> str:
@@ -371,13 +372,13 @@ def table_rows(labelled=LABELLED, judged=JUDGE_LABELLED) -> list:
     return rows
 
 
-def write_table(classifier, out=LABEL_TABLE, head_path=HEAD_PATH, labelled=LABELLED) -> int:
-    """Classify table_rows(labelled) afresh with `classifier` and write the table (atomic). -> rows written."""
+def write_table(classifier, out=LABEL_TABLE, labelled=LABELLED) -> int:
+    """Classify table_rows(labelled) afresh with a loaded classifier (load_classifier) and write the table under
+    its stamp (atomic). -> rows written."""
     rows = table_rows(labelled)
     fresh = ResponseClassifier(classifier.head, classifier.model, classifier.tok)  # no lookups: compute every label
     labels = dict(zip((row_key(_row_fields(r, i)) for i, r in enumerate(rows)), fresh.classify_many(rows)))
-    stamp = classifier_stamp(head_path, classifier.model.output_weight.dtype)
-    atomic_write(out, json.dumps(dict(stamp=stamp, labels=labels), indent=0, sort_keys=True))
+    atomic_write(out, json.dumps(dict(stamp=classifier.stamp, labels=labels), indent=0, sort_keys=True))
     return len(labels)
 
 
@@ -422,8 +423,7 @@ def main(argv=None) -> None:
     if args.command == "fit":
         meta = fit(args.file, args.out, args.folds)
         print(f"wrote {args.out}: {meta}")
-    n = write_table(load_classifier(dtype=torch.float32, path=args.out, table=None), head_path=args.out,
-                    labelled=args.file)
+    n = write_table(load_classifier(dtype=torch.float32, path=args.out, table=None), labelled=args.file)
     print(f"wrote {LABEL_TABLE}: {n} labels")
 
 

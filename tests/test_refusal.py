@@ -199,10 +199,9 @@ class Replay:
 def check_label_table(fresh, test, test_preds):
     """The committed label table (what the pipeline's reports read) was written by this classifier and agrees
     with a fresh computation: on the whole test half, and on every 7th of the judged pairs' responses."""
-    from minicai.refusal_head import (HEAD_PATH, LABEL_TABLE, _row_fields, classifier_stamp, read_table, row_key,
-                                      table_rows)
+    from minicai.refusal_head import LABEL_TABLE, _row_fields, read_table, row_key, table_rows
 
-    known = read_table(LABEL_TABLE, classifier_stamp(HEAD_PATH, torch.float32))
+    known = read_table(LABEL_TABLE, fresh.stamp)
     assert known, (f"{LABEL_TABLE} is missing or stale (the head, the rules or the default model changed): "
                    "rewrite it with `python -m minicai.refusal_head table`")
     judged = table_rows()[len(test)::7]
