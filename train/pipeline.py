@@ -102,12 +102,12 @@ class PipelineConfig:
 PRESETS = {
     # The default model on a 2-core CPU within 20 minutes: the field defaults above.
     "cpu-demo": {},
-    # The same recipe at a size that reaches the CAI issue's targets on the 2-core CPU, within about 2 hours
-    # (sized from the cpu-demo stage times; not yet run end to end).
-    "cpu-full": dict(cr_prompts=0, cr_dna=160, cr_jailbreaks=16, cr_benign=120, cr_best_of=8, helpful_mix=16, lookalike_mix=48,
-                     sft_steps=120, sft_batch_size=8, label_prompts=120, pref_best_of=6, rm_steps=60, ppo_steps=24,
-                     ppo_batch_size=16, dpo_epochs=3, eval_limit=0, eval_benchmark_limit=40, eval_jailbreak_n=8, eval_references=0,
-                     eval_max_new_tokens=64, eval_judge="base", rl_methods="ppo,dpo",
+    # The same recipe at ~4x cpu-demo's data, PPO and DPO, sized from cpu-demo's per-item stage times to finish
+    # within 2 hours on the 2-core CPU (the CAI issue's targets are measured on it).
+    "cpu-full": dict(cr_prompts=0, cr_dna=64, cr_jailbreaks=8, cr_benign=64, helpful_mix=16, lookalike_mix=32,
+                     sft_steps=48, sft_batch_size=8, label_prompts=80, rm_steps=36, ppo_steps=10,
+                     ppo_batch_size=16, dpo_epochs=2, eval_limit=0, eval_benchmark_limit=32, eval_jailbreak_n=6,
+                     eval_references=0, eval_judge="base", rl_methods="ppo,dpo",
                      eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
