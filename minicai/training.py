@@ -11,12 +11,14 @@ plot). Their flags: add_train_flags / add_speed_flags, one spelling each; typed 
   `total` steps (Loshchilov & Hutter, 2017, SGDR, without restarts).
 - DivergenceGuard: stops a run (DivergenceError, naming the step and the measure) on a NaN/inf loss or
   gradient norm, a gradient norm of exactly 0 (a saturated or dead model learns nothing more), a loss at or
-  above the uniform-prediction loss (ln V for a language model, ln 2 for a pairwise loss) once a smoothed
-  loss (EMA, 0.9) has been clearly below it (under half of it: a fine-tune starting near uniform from a random
-  model is not diverging), or a loss over --max-loss-jump x the EMA (floored at a tenth of the uniform or the
-  first loss, so a run that has fit its data to ~0 may still see a harder batch). Checkpoints go through it:
-  a saved state is staged and promoted into state/ only when the next step's loss and gradients, the first
-  measures of the saved weights, pass; so a stopped run leaves the last good state, never the diverged one.
+  above the uniform-prediction loss (ln V for a language model, ln 2 for a pairwise loss) on UNIFORM_PATIENCE
+  steps in a row once a smoothed loss (EMA, 0.9) has been clearly below it (under half of it: a fine-tune
+  starting near uniform from a random model is not diverging; in a row, because one batch of 4 pairs with a
+  confidently wrong one is over ln 2 by chance: the cpu-full reward model stopped so at step 30 of 36), or a
+  loss over --max-loss-jump x the EMA (floored at a tenth of the uniform or the first loss, so a run that has
+  fit its data to ~0 may still see a harder batch). Checkpoints go through it: a saved state is staged and
+  promoted into state/ only when a later step's loss and gradients, the first measures of the saved weights,
+  pass without a suspect loss; so a stopped run leaves the last good state, never the diverged one.
 - start_run: after every input was validated, decide fresh vs --resume; a fresh run over an earlier one
   refuses unless --overwrite, which moves the old state and logs to RUN_DIR.previous (one generation kept).
 - Training-state checkpoints that resume bit-for-bit: trainable weights, AdamW moments, the step, every
@@ -116,6 +118,9 @@ def check_finite(step, **values) -> None:
                                      f"data, or resume from the last saved state)")
 
 
+UNIFORM_PATIENCE = 3  # steps in a row at or above the uniform loss that count as a collapse
+
+
 class DivergenceGuard:
     """check(step, loss, grad_norm) after each backward (see the module docstring), and save(...) instead of
     save_resume_state: the staged state is promoted when the next check passes, or by `with guard:` on any exit
@@ -124,7 +129,7 @@ class DivergenceGuard:
     def __init__(self, state_dir, uniform_loss=None, max_jump=10.0, ema=0.9):
         self.state_dir, self.uniform, self.max_jump, self.beta = state_dir, uniform_loss, max_jump, ema
         self.avg = self.first = None
-        self.armed, self.pending = False, None
+        self.armed, self.pending, self.at_uniform = False, None, 0  # at_uniform: suspect steps in a row
 
     def check(self, step, loss, grad_norm) -> None:
         loss, grad_norm = float(loss), float(grad_norm)
@@ -133,9 +138,11 @@ class DivergenceGuard:
         if grad_norm == 0:
             raise DivergenceError(f"step {step}: gradient norm is exactly 0 (loss {loss:.4g}): the model no longer "
                                   f"learns (saturated or collapsed){hint}")
-        if self.armed and loss >= self.uniform:
+        self.at_uniform = self.at_uniform + 1 if self.armed and loss >= self.uniform else 0
+        if self.at_uniform >= UNIFORM_PATIENCE:
             raise DivergenceError(f"step {step}: loss {loss:.4f} is at or above the uniform-prediction loss "
-                                  f"{self.uniform:.4f} after the run had been well below it (smoothed {self.avg:.4f}){hint}")
+                                  f"{self.uniform:.4f} for {self.at_uniform} steps in a row after the run had been "
+                                  f"well below it (smoothed {self.avg:.4f}){hint}")
         self.first = loss if self.first is None else self.first
         floor = 0.1 * (self.uniform if self.uniform is not None else self.first)
         if self.max_jump and self.avg is not None and loss > self.max_jump * max(self.avg, floor):
@@ -143,7 +150,8 @@ class DivergenceGuard:
                                   f"its recent average {self.avg:.4g}{hint}")
         self.avg = loss if self.avg is None else self.beta * self.avg + (1 - self.beta) * loss
         self.armed = self.armed or (self.uniform is not None and self.avg < 0.5 * self.uniform)
-        self.promote()
+        if not self.at_uniform:  # a suspect step keeps the staged state staged until a clean one
+            self.promote()
 
     def save(self, model, optimizer, step, data_position=None, extra=None, final=False) -> None:
         self.discard()

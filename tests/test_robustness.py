@@ -163,8 +163,14 @@ def test_divergence_guard_rules_hand_cases(tmp_path):
     for step in range(3, 30):
         g.check(step, 0.4, 0.5)                # EMA falls under ln(4) / 2 = 0.693: armed
     assert g.armed
-    with pytest.raises(training.DivergenceError, match=r"step 30: loss 1.3863 is at or above the uniform"):
-        g.check(30, math.log(4), 0.5)
+    g.check(30, 2.5, 0.5)                      # one hard batch over ln 4 (the cpu-full reward model's case)
+    g.check(31, 1.5, 0.5)                      # and a second: two in a row still pass
+    g.check(32, 0.4, 0.5)                      # a normal batch resets the count
+    g.check(33, math.log(4), 0.5)
+    g.check(34, 1.4, 0.5)
+    with pytest.raises(training.DivergenceError, match=r"step 35: loss 1.3863 is at or above the uniform-prediction "
+                                                       r"loss 1.3863 for 3 steps in a row"):
+        g.check(35, math.log(4), 0.5)
     with pytest.raises(training.DivergenceError, match="step 31: gradient norm is exactly 0"):
         g.check(31, 0.4, 0.0)
     with pytest.raises(FloatingPointError, match="step 32: loss is nan"):
