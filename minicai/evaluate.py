@@ -522,8 +522,8 @@ def _check_config(models, cfg):
     for name in ("limit", "benchmark_limit", "max_new_tokens", "batch_size", "jailbreak_n", "examples"):
         v = getattr(cfg, name)
         low = 1 if name in ("max_new_tokens", "batch_size") else 0
-        if v is not None and (not isinstance(v, int) or v < low or (name == "limit" and v < 1)):
-            raise ValueError(f"evaluate: {name} must be an integer >= {1 if name == 'limit' else low}, got {v!r}")
+        if v is not None and (not isinstance(v, int) or v < low):  # limit / benchmark_limit 0 = all
+            raise ValueError(f"evaluate: {name} must be an integer >= {low}, got {v!r}")
     if cfg.temperature < 0:
         raise ValueError(f"evaluate: temperature must be >= 0, got {cfg.temperature}")
     if cfg.classifier not in ("head", "rules"):

@@ -264,3 +264,15 @@ def test_rerun_reuses_cached_generations(tok, tmp_path, monkeypatch):
     calls.clear()
     ev.evaluate([model], **dict(kw, max_new_tokens=2))
     assert sum(calls) == 3
+
+
+def test_limit_zero_reads_every_row_and_a_negative_limit_is_an_error(tmp_path):
+    """--limit 0 (as the README's "run everything" line passes it) keeps every row of the eval files; one row per
+    category keeps one per category; -1 is refused before anything loads."""
+    every = ev.read_inputs(ev.EvalConfig(limit=0, benchmarks=(), judge="none"))["prompts"]
+    one = ev.read_inputs(ev.EvalConfig(limit=1, benchmarks=(), judge="none"))["prompts"]
+    rows = [json.loads(line) for f in ev.DEFAULT_PROMPT_FILES for line in open(f, encoding="utf-8") if line.strip()]
+    assert len(every) == sum("prompt" in r for r in rows) == 180  # the honesty file's MC questions are not prompts
+    assert len(one) == len({(p["file"], p["category"]) for p in every})
+    with pytest.raises(ValueError, match="limit must be an integer >= 0, got -1"):
+        ev.evaluate(["default"], limit=-1, out_dir=str(tmp_path))

@@ -290,7 +290,6 @@ def run(args):
     guard = training.DivergenceGuard(state_dir, math.log(2) if args.loss == "sigmoid" and not args.nll_weight else None,
                                      args.max_loss_jump)
 
-    training.reset_peak_memory(args.device)  # this stage's own peak, not an earlier one's in the same process (pipeline)
     model = load_policy(path, args)
     peaks = {"load": training.peak_memory_mb(args.device)}
     training.reset_peak_memory(args.device)

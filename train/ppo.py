@@ -295,7 +295,6 @@ def run(args, reward_fn=None):
     tok = load_tokenizer(path)
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (PPO needs one to end responses)")
-    training.reset_peak_memory(args.device)  # this stage's own peak, not an earlier one's in the same process (pipeline)
     policy = load_model(path, dtype=dtype, device=args.device)
     policy.gradient_checkpointing = args.gradient_checkpointing
     ref = load_model(path, dtype=dtype, device=args.device).requires_grad_(False).eval()

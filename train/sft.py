@@ -127,7 +127,6 @@ def run(args):
     device = resolve_device(args.device)
     rows = [r for path in [*args.data, *args.mix] for r in read_sft_rows(path)]  # every input checked first
     torch.manual_seed(args.seed)  # LoRA's A initialisation
-    training.reset_peak_memory(device)  # this stage's own peak, not an earlier one's in the same process (pipeline)
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
     examples = load_data(args, tokenizer, rows)
     resuming = training.start_run(run_dir, args, logs=("train_log.jsonl", "loss.png"), outputs=(args.out,))
