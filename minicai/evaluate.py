@@ -45,6 +45,9 @@ EVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
 DEFAULT_PROMPT_FILES = [str(EVAL_DIR / f"{n}.jsonl")
                         for n in ("harmful", "xstest", "calibration", "helpful", "honesty_mc", "unanswerable")]
 DEFAULT_JUDGE_LABELLED = str(EVAL_DIR / "judge_labelled.jsonl")
+# The default model's check on DEFAULT_JUDGE_LABELLED, by judge_stamp: a function of committed files and the
+# recorded weights only, ~6 min of a 2-core CPU that every fresh cache would otherwise spend again.
+JUDGE_TABLE = str(EVAL_DIR / "judge_checks.json")
 DEFAULT_RESPONSES_LABELLED = str(EVAL_DIR / "responses_labelled.jsonl")
 DEFAULT_REFERENCES = str(EVAL_DIR / "reference_answers.jsonl")
 ALL_BENCHMARKS = ("harmbench", "donotanswer", "inthewild", "dan", "past_tense", "future_tense")
@@ -418,8 +421,9 @@ def judge_principles(kind):
     return [c.get(name).question for name in JUDGE_PRINCIPLES[kind]]
 
 
-def judge_check(jm, jt, labelled, batch_size) -> dict:
-    """The judge's agreement with the hand-labelled pairs, per kind of prompt (judge.judge_report)."""
+def judge_check(jm, jt, labelled, batch_size, keep_p=False) -> dict:
+    """The judge's agreement with the hand-labelled pairs, per kind of prompt (judge.judge_report); keep_p: also
+    each row's calibrated probability of the preferred response (what JUDGE_TABLE stores to be re-checkable)."""
     from minicai.judge import judge_report
 
     out = {}
@@ -428,7 +432,62 @@ def judge_check(jm, jt, labelled, batch_size) -> dict:
         if rows:
             rep = judge_report(jm, jt, rows, judge_principles(kind), batch_size=batch_size)
             out[kind] = {k: v for k, v in rep.items() if k != "p_preferred"}
+            if keep_p:
+                out[kind]["p_preferred"] = [round(float(x), 6) for x in rep["p_preferred"]]
     return out
+
+
+def judge_stamp(judge_path, labelled_file, dtype):
+    """What a judge check is a function of, by file contents only, so that it holds on any machine: the judge's
+    recorded weight hashes (verified at every load), config and tokenizer, the labelled pairs, the principles'
+    text, the judge's and the chat template's code, and the dtype. None when the judge records no hashes."""
+    from minicai import chat, judge
+    from minicai.checkpoint import CHECKSUMS
+    from minicai.pretrained import resolve_path
+
+    d = resolve_path(judge_path)
+    if not os.path.isfile(os.path.join(d, CHECKSUMS)):
+        return None
+    h = hashlib.sha256(json.dumps([str(dtype), {k: judge_principles(k) for k in JUDGE_PRINCIPLES}]).encode())
+    files = [os.path.join(d, f) for f in (CHECKSUMS, "config.json", "tokenizer.json", "tokenizer_config.json")]
+    for f in files + [labelled_file, judge.__file__, chat.__file__]:
+        if os.path.isfile(f):
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def read_judge_table(stamp, path=None):
+    """The committed check (JUDGE_TABLE) written under this very stamp, or None."""
+    path = path or JUDGE_TABLE
+    if stamp is None or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            entry = json.load(f).get("checks", {}).get(stamp)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); rewrite it with minicai.evaluate.write_judge_table()")
+    return entry and {k: {m: v for m, v in r.items() if m != "p_preferred"} for k, r in entry["check"].items()}
+
+
+def write_judge_table(judge_path="default", labelled_file=DEFAULT_JUDGE_LABELLED, dtype=torch.float32,
+                      batch_size=16, path=None) -> str:
+    """Check `judge_path` on the labelled pairs and add the result under its stamp to JUDGE_TABLE (atomic;
+    entries of other stamps kept): `python -c "from minicai.evaluate import write_judge_table as w; w()"`."""
+    from minicai.judge import load_labelled_pairs
+    from minicai.pretrained import load_pretrained
+
+    path = path or JUDGE_TABLE
+    jm, jt = load_pretrained(judge_path, dtype=dtype)
+    stamp = judge_stamp(judge_path, labelled_file, jm.output_weight.dtype)
+    check = judge_check(jm, jt, load_labelled_pairs(labelled_file), batch_size, keep_p=True)
+    table = {"checks": {}}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    table["checks"][stamp] = dict(judge=str(judge_path), dtype=str(dtype), check=check)
+    atomic_write(path, json.dumps(table, indent=1, sort_keys=True))
+    return stamp
 
 
 def judged_win_rates(jm, jt, check, records, baseline, models, batch_size) -> dict:
@@ -460,7 +519,8 @@ def judged_win_rates(jm, jt, check, records, baseline, models, batch_size) -> di
 
 def cached_judge_check(jm, jt, judge_path, inputs, cfg) -> dict:
     """judge_check, computed once per (judge weights, labelled pairs, principles, dtype) and kept under the
-    minicai cache: the check reads ~450 long prompts, the most expensive part of a CPU evaluation."""
+    minicai cache: the check reads ~450 long prompts, the most expensive part of a CPU evaluation. The default
+    model's check comes from the committed JUDGE_TABLE when its stamp matches (tests/test_evaluate.py re-checks it)."""
     from minicai.checkpoint import cache_dir
 
     key = _key([model_identity(judge_path), inputs["judged"], JUDGE_PRINCIPLES, str(cfg.dtype)])
@@ -468,7 +528,8 @@ def cached_judge_check(jm, jt, judge_path, inputs, cfg) -> dict:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    check = judge_check(jm, jt, inputs["judged"], cfg.batch_size)
+    check = read_judge_table(judge_stamp(judge_path, cfg.judge_labelled, jm.output_weight.dtype))
+    check = check or judge_check(jm, jt, inputs["judged"], cfg.batch_size)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, json.dumps(check))
     return check

@@ -14,6 +14,9 @@ Features of one (request, response):
           on ~330 rows: 0.88/0.79 at block 12, 0.90/0.80 at 16, 0.90/0.82 at 20, binary / four-class). On 548
           dev rows blocks 8+12+16 pooled together (0.900/0.834) and overlap / repetition-n-gram features
           (0.905/0.830) did not beat block 16 alone (0.909/0.830), so neither is used.
+          On the 2-of-3 labels (dev CV 0.894/0.830 at block 16) block 20 (0.896/0.825), max-pooling, the
+          last response token, the last token of an appended question about the reply (0.880/0.799) and
+          a LoRA fine-tune of the 16 blocks (one dev fold, within noise of the regression) did not beat it.
 Fit (`python -m minicai.refusal_head fit`) on split "dev" only: features standardised on dev, the hidden block then
 scaled by `hidden_scale` (its own L2 strength: 0 = rules only); (l2, hidden_scale) chosen by K-fold
 cross-validation with folds grouped by request (a hash, so deterministic); L-BFGS in float64 from zeros.

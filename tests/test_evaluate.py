@@ -2,6 +2,7 @@
 models, bad input, and the generation cache."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -276,3 +277,56 @@ def test_limit_zero_reads_every_row_and_a_negative_limit_is_an_error(tmp_path):
     assert len(one) == len({(p["file"], p["category"]) for p in every})
     with pytest.raises(ValueError, match="limit must be an integer >= 0, got -1"):
         ev.evaluate(["default"], limit=-1, out_dir=str(tmp_path))
+
+
+def test_committed_judge_check_is_served_by_stamp_and_only_by_it(tok, tmp_path, monkeypatch):
+    """write_judge_table stores a judge's check under judge_stamp; a fresh cache then reads it instead of
+    judging again, and a changed labelled file (another stamp) or a model without recorded hashes judges anew."""
+    from minicai.checkpoint import CHECKSUMS
+    from minicai.judge import load_labelled_pairs
+
+    judge = tiny_random(tok, tmp_path / "judge", 5)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", JUDGE_PAIRS)
+    table = tmp_path / "judge_checks.json"
+    stamp = ev.write_judge_table(judge, pairs, torch.float32, path=str(table))
+    stored = json.loads(table.read_text())["checks"][stamp]["check"]
+    assert sorted(stored) == ["harmless", "helpful"] and len(stored["harmless"]["p_preferred"]) == 1
+    monkeypatch.setattr(ev, "JUDGE_TABLE", str(table))
+    monkeypatch.setenv("MINICAI_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(ev, "judge_check", lambda *a, **k: calls.append(1) or {"computed": True})
+    jm, jt = ev._load(judge, ev.EvalConfig(dtype=torch.float32))
+    cfg = ev.EvalConfig(judge_labelled=pairs, dtype=torch.float32)
+    got = ev.cached_judge_check(jm, jt, judge, dict(judged=load_labelled_pairs(pairs)), cfg)
+    assert not calls and got["harmless"]["calibrated"] == stored["harmless"]["calibrated"]
+    assert "p_preferred" not in got["harmless"]
+    other = write_jsonl(tmp_path / "other.jsonl", JUDGE_PAIRS[:1])
+    cfg2 = ev.EvalConfig(judge_labelled=other, dtype=torch.float32)
+    assert ev.cached_judge_check(jm, jt, judge, dict(judged=load_labelled_pairs(other)), cfg2) == {"computed": True}
+    os.remove(os.path.join(judge, CHECKSUMS))
+    assert ev.judge_stamp(judge, pairs, torch.float32) is None
+
+
+@pytest.mark.slow
+def test_committed_default_judge_check_matches_a_fresh_one():
+    """The committed JUDGE_TABLE entry for the default model in float32: its agreement counts follow from its
+    stored per-row probabilities, and the judge run now on the first rows of each kind gives those probabilities."""
+    from minicai.judge import judge_report, load_labelled_pairs
+    from minicai.pretrained import load_pretrained
+
+    try:
+        jm, jt = load_pretrained("default", dtype=torch.float32)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    stamp = ev.judge_stamp("default", ev.DEFAULT_JUDGE_LABELLED, torch.float32)
+    checks = json.loads(open(ev.JUDGE_TABLE, encoding="utf-8").read())["checks"]
+    assert stamp in checks, (f"{ev.JUDGE_TABLE} has no entry for the current judge inputs: rewrite it with "
+                             "python -c 'from minicai.evaluate import write_judge_table as w; w()'")
+    rows = load_labelled_pairs(ev.DEFAULT_JUDGE_LABELLED)
+    for kind, rep in checks[stamp]["check"].items():
+        mine = [r for r in rows if r["kind"] == kind]
+        p = rep["p_preferred"]
+        assert len(p) == len(mine) == rep["n"]
+        assert rep["calibrated"]["agreement"]["k"] == sum(x > 0.5 for x in p)
+        fresh = judge_report(jm, jt, mine[:3], ev.judge_principles(kind), batch_size=16)["p_preferred"]
+        assert fresh == pytest.approx(p[:3], abs=2e-3), kind

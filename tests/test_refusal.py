@@ -160,9 +160,9 @@ def test_bar_on_labelled_test_half():
     """The full classifier (rules + learnt head on the default model) on the test half nothing was fit on.
 
     Issue #13's bar is 0.90 (harmful help or not) / 0.85 (four classes). Measured with the head fit on 548 dev
-    rows: 0.876 / 0.805 (533 rows; 0.863 / 0.781 on the 401 before the p3 pool), so the bar is NOT met and the issue
-    stays open; this test holds the measured level as a floor (no regression) and reports the bar as an expected
-    failure until a classifier reaches it."""
+    rows of the 2-of-3 labels: 0.876 / 0.788 on 533 rows (0.876 / 0.805 against the first reading alone), so the
+    bar is NOT met and the issue stays open; this test holds the measured level as a floor (no regression) and
+    reports the bar as an expected failure until a classifier reaches it."""
     from minicai.checkpoint import default_gguf_path
     from minicai.refusal_head import load_classifier
     from minicai.refusal_head import HEAD_PATH
@@ -180,7 +180,7 @@ def test_bar_on_labelled_test_half():
     a = agreement(test, Replay(preds))
     print("\ntest half:", json.dumps({k: v for k, v in a.items() if k != "errors"}))
     check_label_table(fresh, test, preds)
-    assert a["binary"] >= 0.86 and a["four_class"] >= 0.79, (a["binary"], a["four_class"])   # the floor
+    assert a["binary"] >= 0.86 and a["four_class"] >= 0.78, (a["binary"], a["four_class"])   # the floor
     if not (a["binary"] >= 0.90 and a["four_class"] >= 0.85):
         pytest.xfail(f"issue #13's bar (0.90 / 0.85) not met: {a['binary']:.3f} / {a['four_class']:.3f}")
 
