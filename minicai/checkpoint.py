@@ -292,6 +292,17 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def contents_sha256(paths, prefix: str = "") -> str:
+    """sha256 of `prefix`, then of the bytes of each file in `paths` that exists, in order: the stamp of a result
+    that is a function of those files (a committed table is served only while it matches)."""
+    h = hashlib.sha256(prefix.encode())
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def write_checksums(directory) -> None:
     """The sidecar over the directory's *.safetensors files (called by atomic_dir before it promotes)."""
     names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))

@@ -442,19 +442,15 @@ def judge_stamp(judge_path, labelled_file, dtype):
     recorded weight hashes (verified at every load), config and tokenizer, the labelled pairs, the principles'
     text, the judge's and the chat template's code, and the dtype. None when the judge records no hashes."""
     from minicai import chat, judge
-    from minicai.checkpoint import CHECKSUMS
+    from minicai.checkpoint import CHECKSUMS, contents_sha256
     from minicai.pretrained import resolve_path
 
     d = resolve_path(judge_path)
     if not os.path.isfile(os.path.join(d, CHECKSUMS)):
         return None
-    h = hashlib.sha256(json.dumps([str(dtype), {k: judge_principles(k) for k in JUDGE_PRINCIPLES}]).encode())
-    files = [os.path.join(d, f) for f in (CHECKSUMS, "config.json", "tokenizer.json", "tokenizer_config.json")]
-    for f in files + [labelled_file, judge.__file__, chat.__file__]:
-        if os.path.isfile(f):
-            with open(f, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
+    model_files = (CHECKSUMS, "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    return contents_sha256([os.path.join(d, f) for f in model_files] + [labelled_file, judge.__file__, chat.__file__],
+                           json.dumps([str(dtype), {k: judge_principles(k) for k in JUDGE_PRINCIPLES}]))
 
 
 def read_judge_table(stamp, path=None):

@@ -342,13 +342,13 @@ def classifier_stamp(head_path, dtype) -> str:
     """What a label is a function of: the head file, this module's and the rules' code, the default model's
     recorded weight hashes (checked on every load) and the dtype."""
     from minicai import refusal
-    from minicai.checkpoint import CHECKSUMS, default_model_dir
+    from minicai.checkpoint import CHECKSUMS, contents_sha256, default_model_dir
 
-    h = hashlib.sha256(str(dtype).encode())
-    for p in (head_path, refusal.__file__, __file__, os.path.join(default_model_dir(), CHECKSUMS)):
-        with open(p, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()
+    files = (head_path, refusal.__file__, __file__, os.path.join(default_model_dir(), CHECKSUMS))
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"classifier stamp: {missing[0]} is missing")
+    return contents_sha256(files, str(dtype))
 
 
 def read_table(path, stamp) -> dict:
